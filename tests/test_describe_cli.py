@@ -25,8 +25,36 @@ def test_kv_cache_at_256k_reproduces_jamba_table_1(preset, kv_gib):
 ])
 def test_parameter_counts(preset, total, active):
     d = describe(ModelConfig.preset(preset))
-    assert d.total_params == pytest.approx(total, rel=0.01)
-    assert d.active_params == pytest.approx(active, rel=0.02)
+    if isinstance(total, int):  # published exact counts must match exactly
+        assert (d.total_params, d.active_params) == (total, active)
+    else:
+        assert d.total_params == pytest.approx(total, rel=0.01)
+        assert d.active_params == pytest.approx(active, rel=0.02)
+
+
+def _attention_gib(out: str) -> float:
+    line = next(line for line in out.splitlines() if line.strip().startswith("attention"))
+    value, unit = line.split()[1:3]
+    assert unit == "GiB", line
+    return float(value)
+
+
+@pytest.mark.parametrize("preset, kv_gib", [("llama2-7b", 128), ("mistral-7b", 32), ("mixtral-8x7b", 32),
+                                            ("jamba-52b", 4)])
+def test_cli_describe_reproduces_jamba_table_1(preset, kv_gib, capsys):
+    main(["describe", preset, "--context", "262144", "--dtype", "bf16", "--batch", "1"])
+    assert _attention_gib(capsys.readouterr().out) == pytest.approx(kv_gib, rel=0.05)
+    main(["describe", preset, "--context", "262144", "--dtype", "fp32", "--batch", "2"])
+    assert _attention_gib(capsys.readouterr().out) == pytest.approx(4 * kv_gib, rel=0.05)  # 2x dtype, 2x batch
+
+
+@pytest.mark.parametrize("preset, count", [("mamba-130m", "129,135,360"), ("mamba2-130m", "128,989,632")])
+def test_cli_describe_prints_exact_published_parameter_counts(preset, count, capsys):
+    main(["describe", preset, "--context", "262144", "--dtype", "bf16", "--batch", "1"])
+    out = capsys.readouterr().out
+    assert f"parameters    {count} total, {count} active per token" in out
+    assert not any(line.strip().startswith("attention") for line in out.splitlines())  # no KV cache
+    assert "conv + SSM state (fixed size)" in out
 
 
 def test_ssm_state_does_not_grow_with_context():

@@ -186,3 +186,26 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert os.listdir(tmp_path) == ["out"]
     WeightFiles(tmp_path / "out")  # still readable
+
+
+def test_layout_detected_from_model_type_alone_or_named_explicitly(hf_dir, tmp_path):
+    config_file = hf_dir / "config.json"
+    data = json.loads(config_file.read_text())
+    reference = load_checkpoint(hf_dir).eval()
+    data.pop("architectures")
+    config_file.write_text(json.dumps(data))
+    assert detect_format(hf_dir) == "hf_mamba"  # model_type "mamba" is enough
+    data.pop("model_type")
+    config_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="cannot tell the layout"):
+        detect_format(hf_dir)
+    named = load_checkpoint(hf_dir, format="hf_mamba").eval()  # named explicitly, no detection
+    ids = torch.randint(0, VOCAB, (1, 7))
+    assert torch.equal(named(ids).logits, reference(ids).logits)
+    with pytest.raises(ValueError, match=r"format: unknown 'hf_gpt2'; expected 'hybridlm' or one of"):
+        load_checkpoint(hf_dir, format="hf_gpt2")
+
+    from hybridlm.cli import main
+
+    main(["convert", str(hf_dir), str(tmp_path / "ours"), "--from", "hf_mamba"])
+    assert torch.equal(HybridLM.from_pretrained(tmp_path / "ours")(ids).logits, reference(ids).logits)

@@ -43,7 +43,7 @@ def test_prefill_then_decode_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(pieces, 1) / scale, full / scale, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + list(SINGLE_MIXERS))
 @torch.no_grad()
 def test_causality(name):
     model = build(name)

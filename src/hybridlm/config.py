@@ -110,12 +110,20 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 _fail(name, "a positive number", value)
-        if not isinstance(self.moe_aux_loss_coef, (int, float)) or self.moe_aux_loss_coef < 0:
+        if (not isinstance(self.moe_aux_loss_coef, (int, float)) or isinstance(self.moe_aux_loss_coef, bool)
+                or not self.moe_aux_loss_coef >= 0):
             _fail("moe_aux_loss_coef", "a number >= 0", self.moe_aux_loss_coef)
         if self.rope_theta is not None and not (
-            isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0
+            isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
+            and self.rope_theta > 0
         ):
             _fail("rope_theta", "a positive number or None", self.rope_theta)
+        for name in ["attn_bias", "mamba_inner_norms", "conv_bias", "proj_bias", "moe_normalize_topk",
+                     "tie_embeddings"]:
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "True or False", getattr(self, name))
+        if not isinstance(self.name, str) or not self.name:
+            _fail("name", "a non-empty string", self.name)
         if not isinstance(self.layers, str) or len(self.layers) != self.n_layers:
             _fail("layers", f"a string of {self.n_layers} letters (n_layers) or a pattern that tiles it",
                   self.layers)
@@ -126,9 +134,11 @@ class ModelConfig:
             _fail("layers", f"letters from: {letters}", self.layers)
         if self.ffn not in FFN_KINDS:
             _fail("ffn", f"one of {FFN_KINDS}", self.ffn)
-        if not isinstance(self.moe_every, int) or self.moe_every < 0:
+        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 0:
             _fail("moe_every", "an integer >= 0 (0 disables MoE)", self.moe_every)
-        if self.moe_every and not 0 <= self.moe_offset < self.moe_every:
+        if not isinstance(self.moe_offset, int) or isinstance(self.moe_offset, bool) or self.moe_offset < 0:
+            _fail("moe_offset", "an integer >= 0", self.moe_offset)
+        if self.moe_every and not self.moe_offset < self.moe_every:
             _fail("moe_offset", f"an integer in [0, moe_every={self.moe_every})", self.moe_offset)
         if self.top_k > self.n_experts:
             _fail("top_k", f"at most n_experts={self.n_experts}", self.top_k)
