@@ -72,22 +72,28 @@ def test_different_prompts_and_seeds_give_different_tokens(client):
     assert run("abc", 1) != run("abc", 2)
 
 
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("sampling", SAMPLING, ids=["greedy", "seeded"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_chat_uses_the_documented_template(client, models, stream):
+def test_chat_uses_the_documented_template(client, models, model, sampling, stream):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     prompt = ChatTemplate().render(messages)
     assert prompt == "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n"
-    want = reference(models["llama-tiny"], prompt, 20, temperature=0)
-    response = client.chat.completions.create(model="llama-tiny", messages=messages, max_tokens=20, temperature=0,
-                                              stream=stream, stream_options={"include_usage": True} if stream else None)
+    want = reference(models[model], prompt, 20, **sampling)
+    response = client.chat.completions.create(model=model, messages=messages, max_tokens=20, stream=stream,
+                                              stream_options={"include_usage": True} if stream else None,
+                                              extra_body={"return_token_ids": True}, **sampling)
     if stream:
         chunks = list(response)
         assert chunks[0].choices[0].delta.role == "assistant"
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        got = next(c.choices[0].token_ids for c in reversed(chunks) if c.choices)
         usage = chunks[-1].usage
     else:
         text, usage = response.choices[0].message.content, response.usage
+        got = response.choices[0].token_ids
         assert response.choices[0].message.role == "assistant"
+    assert got == want
     assert text == TOKENIZER.decode(want)
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt) + 1, len(want))
 
@@ -107,11 +113,14 @@ def test_stop_string_cuts_the_output_before_it(client, models, stream):
     assert (text, finish) == (cut, "stop")
 
 
+CHAT = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
-    # (what, body bytes, expected status, text the error message must contain)
+    # (what, body bytes, expected status, text the error message must contain); sent to /v1/completions
     ("malformed JSON", b'{"model": "llama-tiny", "prompt": ', 400, "malformed JSON"),
     ("not an object", b'["llama-tiny"]', 400, "JSON object"),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400, "nested"),
     ("non-UTF-8", b'{"model": "llama-tiny", "prompt": "caf\xe9"}', 400, "UTF-8"),
+    ("lone surrogate", b'{"model": "llama-tiny", "prompt": "caf\\ud800"}', 400, "surrogate"),
     ("unknown model", json.dumps({"model": "gpt-9", "prompt": "x"}).encode(), 404, "not found"),
     ("negative max_tokens", json.dumps({"model": "llama-tiny", "prompt": "x", "max_tokens": -3}).encode(), 400,
      "max_tokens"),
@@ -125,17 +134,45 @@ BAD_REQUESTS = [
     ("prompt not a string", json.dumps({"model": "llama-tiny", "prompt": 7}).encode(), 400, "prompt"),
     ("stream not a bool", json.dumps({"model": "llama-tiny", "prompt": "x", "stream": "yes"}).encode(), 400,
      "stream"),
+    # The same faults on /v1/chat/completions:
+    ("chat: malformed JSON", b'{"model": "llama-tiny", "messages": [', 400, "malformed JSON"),
+    ("chat: non-UTF-8", b'{"model": "llama-tiny", "messages": [{"role": "user", "content": "\xff"}]}', 400,
+     "UTF-8"),
+    ("chat: lone surrogate", b'{"model": "llama-tiny", "messages": [{"role": "user", "content": "\\udc80"}]}',
+     400, "surrogate"),
+    ("chat: unknown model", json.dumps({"model": "gpt-9", "messages": CHAT}).encode(), 404, "not found"),
+    ("chat: negative max_tokens", json.dumps({"model": "llama-tiny", "messages": CHAT, "max_tokens": -1}).encode(),
+     400, "max_tokens"),
+    ("chat: prompt longer than the context",
+     json.dumps({"model": "llama-tiny", "messages": [{"role": "user", "content": "z" * 5000}]}).encode(), 400,
+     "context"),
 ]
 
 
 @pytest.mark.parametrize("what, body, status, message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, client, what, body, status, message):
-    r = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    path = "/v1/chat/completions" if what.startswith("chat:") else "/v1/completions"
+    r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == status
     error = r.json()["error"]
-    assert message in error["message"] and error["type"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    # Audited before the reply; the last few lines, as an earlier stream's record may be written just after.
+    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-3:]]
+    assert (path, status, error["message"]) in [(r["path"], r["status"], r["error"]) for r in recent]
     ok = client.completions.create(model="llama-tiny", prompt="still alive?", max_tokens=3)
     assert ok.usage.completion_tokens >= 1
+    ok = client.chat.completions.create(model="mamba-tiny", messages=CHAT, max_tokens=3)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_n_null_or_1_is_accepted(server):
+    for n in (None, 1):
+        r = httpx.post(server.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "max_tokens": 2,
+                                                             "n": n})
+        assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "n": True})
+    assert r.status_code == 400
 
 
 def test_bad_chat_messages_and_unknown_paths(server, client):
@@ -197,6 +234,12 @@ def test_client_timeout_cancels_a_non_streaming_request(server):
     assert record["status"] == 499 and record["completion_tokens"] < 4000
 
 
+def test_one_model_object_is_never_served_by_two_schedulers(models):
+    # Each name has its own model thread, so one object under two names would see two concurrent forwards.
+    with pytest.raises(ValueError, match="same model object"):
+        create_app({"a": models["llama-tiny"], "b": models["llama-tiny"]})
+
+
 def test_full_queue_answers_429_with_retry_after(models):
     app = create_app({"llama-tiny": models["llama-tiny"]}, max_batch=1, max_queue=1,
                      limits=Limits(max_context=4096, max_tokens=4000))
@@ -228,6 +271,7 @@ def test_metrics_count_requests_tokens_and_state(server, client):
     client.completions.create(model="mamba-tiny", prompt="count me", max_tokens=5,
                               extra_body={"logit_bias": {str(TOKENIZER.eos_token_id): -100}})
     assert _metric(server, "generated_tokens_total", "mamba-tiny") == before + 5
+    assert _metric(server, "tokens_per_second", "mamba-tiny") > 0  # over the last 10 s, which hold those 5
     text = httpx.get(server.url + "/metrics").text
     assert 'hybridlm_requests_total{endpoint="completions",status="200"}' in text
     for name in ("queue_depth", "active_streams", "state_bytes", "tokens_per_second"):

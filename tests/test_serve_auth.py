@@ -4,6 +4,7 @@
 import hashlib
 import json
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -88,29 +89,46 @@ def call(server, endpoint: str, credential: str | None, model: str = "llama-tiny
         "audit": ("GET", "/v1/audit", None),
         "metrics": ("GET", "/metrics", None),
         "health": ("GET", "/health", None),
+        "model": ("GET", f"/v1/models/{model}", None),
     }
     method, path, body = requests[endpoint]
     return httpx.request(method, server.url + path, json=body, headers=headers, timeout=30)
 
 
-ENDPOINTS = ["models", "completions", "chat", "audit", "metrics", "health"]
+ENDPOINTS = ["models", "completions", "chat", "audit", "metrics", "health", "model"]
 # Expected status of each endpoint for each credential: admin everything; user generates; auditor reads the
 # audit log and metrics; no or a wrong credential is 401 (except /health, open to load-balancer probes).
+# "model" is GET /v1/models/llama-tiny, which the restricted role may not use.
 RBAC = {
-    "admin": [200, 200, 200, 200, 200, 200],
-    "user": [200, 200, 200, 403, 403, 200],
-    "auditor": [403, 403, 403, 200, 200, 200],
-    "restricted": [200, 403, 403, 403, 403, 200],  # completions only, and only on mamba-tiny (below)
-    None: [401, 401, 401, 401, 401, 200],
-    "sk-not-a-real-key": [401, 401, 401, 401, 401, 200],
+    "admin": [200, 200, 200, 200, 200, 200, 200],
+    "user": [200, 200, 200, 403, 403, 200, 200],
+    "auditor": [403, 403, 403, 200, 200, 200, 403],
+    "restricted": [200, 403, 403, 403, 403, 200, 403],  # completions only, and only on mamba-tiny (below)
+    None: [401, 401, 401, 401, 401, 200, 401],
+    "sk-not-a-real-key": [401, 401, 401, 401, 401, 200, 401],
 }
 
 
 @pytest.mark.parametrize("who", list(RBAC), ids=[str(k) for k in RBAC])
 def test_role_by_endpoint(server, who):
     credential = KEYS[who][0] if who in KEYS else who
-    got = [call(server, endpoint, credential).status_code for endpoint in ENDPOINTS]
+    responses = [call(server, endpoint, credential) for endpoint in ENDPOINTS]
+    got = [r.status_code for r in responses]
     assert got == RBAC[who], dict(zip(ENDPOINTS, got, strict=True))
+    for r in responses:
+        if r.status_code in (401, 403):
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["type"] == ("authentication_error" if r.status_code == 401 else "permission_error")
+            assert (r.headers.get("WWW-Authenticate") == "Bearer") == (r.status_code == 401)
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Token abc", "bearer"])
+def test_malformed_authorization_header_is_401(server, header):
+    server.sent[0] += 1
+    r = httpx.post(server.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "max_tokens": 1},
+                   headers={"Authorization": header}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
 def test_roles_grant_models(server):
@@ -120,14 +138,18 @@ def test_roles_grant_models(server):
     assert refused.status_code == 403 and "llama-tiny" in refused.json()["error"]["message"]
     assert call(server, "completions", key, model="no-such-model").status_code == 403  # existence not leaked
     assert [m["id"] for m in call(server, "models", key).json()["data"]] == ["mamba-tiny"]
+    assert call(server, "model", key, model="mamba-tiny").json()["id"] == "mamba-tiny"
+    assert call(server, "model", key, model="no-such-model").status_code == 403  # as for llama-tiny
     assert call(server, "completions", KEYS["admin"][0], model="no-such-model").status_code == 404
+    assert call(server, "model", KEYS["admin"][0], model="no-such-model").status_code == 404
 
 
 def token(key, alg: str = "RS256", kid: str = "rsa-1", **claims) -> str:
+    """A JWT signed with ``key``; a claim given as None is left out."""
     now = int(time.time())
     payload = {"iss": ISSUER, "aud": AUDIENCE, "email": "dana@example.com", "groups": ["llm-users"],
                "iat": now, "exp": now + 600, **claims}
-    return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid})
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=alg, headers={"kid": kid})
 
 
 def unsigned(**claims) -> str:
@@ -158,6 +180,12 @@ def test_oidc_tokens(server, signing_keys):
         (jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "email": "x", "exp": int(time.time()) + 60},
                     key="symmetric-secret-of-32-bytes-long!", algorithm="HS256"), "completions", 401),
         (token(rsa_key)[:-4] + "AAAA", "completions", 401),  # tampered signature
+        # A header naming the other key type's kid: refused, never a 500 from the verifier.
+        (token(rsa_key, kid="ec-1"), "completions", 401),
+        (token(ec_key, alg="ES256", kid="rsa-1"), "completions", 401),
+        (token(rsa_key, exp=None), "completions", 401),  # no expiry: required
+        (token(rsa_key, email=None), "completions", 401),  # no claim naming the caller
+        ("aaa.bbb.ccc", "completions", 401),  # three parts, not a JWT
     ]
     got = [call(server, endpoint, t).status_code for t, endpoint, _ in cases]
     assert got == [status for _, _, status in cases]
@@ -195,16 +223,42 @@ def test_audit_log_holds_every_request_and_no_secret(server):
 
 def test_audit_endpoint_filters_by_principal_and_time(server):
     auditor = KEYS["auditor"][0]
+    headers = {"Authorization": f"Bearer {auditor}"}
+
+    def audit(**params) -> list[dict]:
+        server.sent[0] += 1
+        r = httpx.get(server.url + "/v1/audit", params=params, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
     since = time.time()
     time.sleep(0.01)
-    call(server, "completions", KEYS["user"][0])
-    headers = {"Authorization": f"Bearer {auditor}"}
-    server.sent[0] += 2
-    r = httpx.get(server.url + "/v1/audit", params={"principal": "user-key", "since": str(since)}, headers=headers)
-    data = r.json()["data"]
-    assert r.status_code == 200 and len(data) == 1 and data[0]["principal"] == "user-key"
-    r = httpx.get(server.url + "/v1/audit", params={"since": "not a time"}, headers=headers)
-    assert r.status_code == 400 and "since" in r.json()["error"]["message"]
+    call(server, "completions", KEYS["user"][0])  # 200
+    call(server, "completions", KEYS["admin"][0])  # 200, another principal
+    call(server, "audit", KEYS["user"][0])  # 403
+    time.sleep(0.01)
+    until = time.time()
+    time.sleep(0.01)
+    call(server, "completions", KEYS["user"][0])  # after the window
+    time.sleep(0.2)
+
+    window = audit(since=str(since), until=str(until))
+    assert [(r["principal"], r["status"]) for r in window] == [("user-key", 200), ("admin-key", 200),
+                                                                ("user-key", 403)]
+    mine = audit(principal="user-key", since=str(since), until=str(until))
+    assert [(r["principal"], r["endpoint"], r["status"]) for r in mine] == [("user-key", "completions", 200),
+                                                                             ("user-key", "audit", 403)]
+    assert len(audit(principal="user-key", since=str(since))) == 3  # no until: the later request too
+    assert audit(principal="admin-key", since=str(since))[0]["prompt"] == "hello"
+    assert [r["status"] for r in audit(status="403", since=str(since))] == [403]
+    iso = datetime.fromtimestamp(since, timezone.utc).isoformat()  # ISO 8601 works as Unix seconds do
+    assert audit(principal="user-key", since=iso, until=str(until)) == mine
+    assert audit(principal="nobody") == []
+    assert len(audit(limit="1")) == 1
+    for params, field in [({"since": "not a time"}, "since"), ({"limit": "0"}, "limit"), ({"status": "x"}, "status")]:
+        server.sent[0] += 1
+        r = httpx.get(server.url + "/v1/audit", params=params, headers=headers)
+        assert r.status_code == 400 and field in r.json()["error"]["message"]
 
 
 def test_without_auth_only_loopback_binds():
@@ -232,6 +286,32 @@ def test_auth_file_errors_name_the_field(tmp_path):
         AuthConfig.load(f)
 
 
+def test_yaml_auth_file_equals_toml(tmp_path, auth_file):
+    yaml = pytest.importorskip("yaml")
+    toml = AuthConfig.load(auth_file)
+    (tmp_path / "jwks.json").write_text((auth_file.parent / "jwks.json").read_text())
+    (tmp_path / "auth.yaml").write_text(yaml.safe_dump({
+        "keys": [{"principal": f"{role}-key", "role": role, "sha256": digest} for role, (_, digest) in KEYS.items()],
+        "roles": {"restricted": {"endpoints": ["models", "completions"], "models": ["mamba-tiny"]}},
+        "oidc": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json", "roles_claim": "groups",
+                 "principal_claim": "email", "role_map": {"llm-users": "user", "llm-auditors": "auditor"}},
+    }))
+    got = AuthConfig.load(tmp_path / "auth.yaml")
+    assert (got.keys, got.roles) == (toml.keys, toml.roles)
+    assert (got.oidc.issuer, got.oidc.audience, got.oidc.role_map, set(got.oidc.keys)) == \
+        (toml.oidc.issuer, toml.oidc.audience, toml.oidc.role_map, set(toml.oidc.keys))
+
+
+def test_jwks_encryption_keys_are_skipped(tmp_path, signing_keys):
+    # Providers such as Keycloak publish an encryption key (use "enc", alg RSA-OAEP) beside the signing ones.
+    sig = json.loads(RSAAlgorithm.to_jwk(signing_keys["rsa"].public_key())) | {"kid": "sig", "use": "sig"}
+    enc = json.loads(RSAAlgorithm.to_jwk(signing_keys["rogue"].public_key())) | {"kid": "enc", "use": "enc",
+                                                                                   "alg": "RSA-OAEP"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [sig, enc]}))
+    (tmp_path / "a.toml").write_text('[oidc]\nissuer = "i"\naudience = "a"\njwks_file = "jwks.json"\n')
+    assert set(AuthConfig.load(tmp_path / "a.toml").oidc.keys) == {"sig"}
+
+
 def test_audit_log_rotates_by_size(tmp_path):
     log = AuditLog(tmp_path / "a.jsonl", max_bytes=2048, backups=2)
     for i in range(100):
@@ -250,3 +330,12 @@ def test_apikey_command_prints_a_key_and_its_hash_for_the_auth_file(tmp_path, ca
     (tmp_path / "auth.toml").write_text(out)
     auth = AuthConfig.load(tmp_path / "auth.toml")
     assert auth.keys == {hashlib.sha256(key.encode()).hexdigest(): ("alice", "auditor")}
+
+
+def test_audit_log_escapes_what_utf8_cannot_hold(tmp_path):
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.write({"principal": "p", "prompt": "lone \ud800 surrogate", "status": 400})
+    log.write({"principal": "q", "prompt": "caf\u00e9", "status": 200})
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    raw.decode("utf-8")  # still UTF-8, one JSON object a line
+    assert [r["prompt"] for r in query(tmp_path / "a.jsonl")] == ["lone \ud800 surrogate", "caf\u00e9"]

@@ -120,14 +120,18 @@ def test_state_bytes_per_active_stream_mamba_constant_transformer_grows():
     llama, mamba = tiny_model("llama-tiny"), tiny_model("mamba-tiny")
     fixed = mamba.init_state(1).total_nbytes()
     kv_per_token = llama.init_state(1, max_len=1).total_nbytes()  # K and V of one position, every layer
+    short, long = 256, 4096
     per_stream = {(name, n): state_bytes_per_stream(m, n) for name, m in (("llama", llama), ("mamba", mamba))
-                  for n in (256, 1024)}
+                  for n in (short, long)}
     for (name, n), b in per_stream.items():
         print(f"\n{name}-tiny, context {n}: {b} bytes of state per active stream")
-    assert per_stream[("mamba", 256)] == per_stream[("mamba", 1024)] == fixed
+    ratio = per_stream[("llama", long)] / per_stream[("mamba", long)]
+    print(f"at context {long} a Transformer stream holds {ratio:.0f}x the state of a Mamba stream")
+    assert per_stream[("mamba", short)] == per_stream[("mamba", long)] == fixed
     # The KV cache holds every position, plus room the batch reserves for the tokens its requests may still
     # generate (up to MAX_TOKENS beyond the longest row, which itself may be up to MAX_TOKENS past its prompt);
     # key_valid adds a byte per position.
-    for n in (256, 1024):
+    for n in (short, long):
         assert n * kv_per_token <= per_stream[("llama", n)] <= (n + 2 * MAX_TOKENS) * (kv_per_token + 1)
-    assert per_stream[("llama", 1024)] - per_stream[("llama", 256)] >= 768 * kv_per_token
+    assert per_stream[("llama", long)] - per_stream[("llama", short)] >= (long - short) * kv_per_token
+    assert per_stream[("llama", long)] > 100 * per_stream[("mamba", long)]

@@ -81,19 +81,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     auth = AuthConfig.load(args.auth) if args.auth else None
     sock = bind(args.host, args.port, authenticated=auth is not None)  # refuse a public host before loading
-    models = {}
-    for spec in args.models:
-        served = load_served_model(spec, seed=args.seed)
-        if served.name in models:
-            raise ValueError(f"MODEL {spec}: a second model named {served.name!r}; name one NAME=MODEL")
-        models[served.name] = served
-    audit_config = auth.audit if auth else {}
-    audit = AuditLog(args.audit_log or audit_config.get("path", "hybridlm-audit.jsonl"),
-                     max_bytes=int(audit_config.get("max_bytes", 10_000_000)),
-                     backups=int(audit_config.get("backups", 5)))
-    print(f"audit log: {audit.path}", file=sys.stderr)
-    limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens)
-    app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue)
+    try:
+        models = {}
+        for spec in args.models:
+            served = load_served_model(spec, seed=args.seed)
+            if served.name in models:
+                raise ValueError(f"MODEL {spec}: a second model named {served.name!r}; name one NAME=MODEL")
+            models[served.name] = served
+        audit_config = auth.audit if auth else {}
+        audit = AuditLog(args.audit_log or audit_config.get("path", "hybridlm-audit.jsonl"),
+                         max_bytes=int(audit_config.get("max_bytes", 10_000_000)),
+                         backups=int(audit_config.get("backups", 5)))
+        print(f"audit log: {audit.path}", file=sys.stderr)
+        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens)
+        app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue)
+    except BaseException:
+        sock.close()  # an error before serving: give the port back
+        raise
     run(app, authenticated=auth is not None, sock=sock)
 
 

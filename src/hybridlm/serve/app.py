@@ -32,6 +32,7 @@ from hybridlm.serve.protocol import (
     ChatTemplate,
     Limits,
     completion_object,
+    forbidden,
     new_id,
     parse_json_body,
     prompt_text,
@@ -88,6 +89,11 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     if not models:
         raise ValueError("models: expected at least one model to serve")
     served = {name: m if isinstance(m, ServedModel) else ServedModel(name, m) for name, m in models.items()}
+    owners: dict[int, str] = {}
+    for s in served.values():  # one scheduler thread per name: a shared model would run two forwards at once
+        if owners.setdefault(id(s.model), s.name) != s.name:
+            raise ValueError(f"models: {owners[id(s.model)]!r} and {s.name!r} are the same model object; serve "
+                             f"it under one name (or load it twice)")
     for s in served.values():
         if s.model.config.vocab_size < s.tokenizer.vocab_size:
             raise ValueError(f"model {s.name}: vocab_size {s.model.config.vocab_size} is smaller than the byte "
@@ -289,7 +295,10 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     async def get_model(request: Request, name: str) -> Response:
         async def work(req, principal: Principal, record, t) -> Response:
             principal.require("models")
-            if not (principal.allows("completions", name) or principal.allows("chat", name)) or name not in served:
+            if not (principal.allows("completions", name) or principal.allows("chat", name)):
+                # 403 whether or not it exists (as for completions): a refused caller learns nothing
+                raise forbidden(f"role {principal.role} may not use model {name!r}")
+            if name not in served:
                 raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
             record["model"] = name
             return JSONResponse(model_card(served[name]))
@@ -304,8 +313,8 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
             q = req.query_params
             record["prompt"] = dict(q)
             try:
-                status = None if q.get("status") is None else int(q["status"])
-                limit = int(q.get("limit", 100))
+                status = None if q.get("status") is None else _int_param(q["status"], "status")
+                limit = _int_param(q.get("limit", "100"), "limit")
                 if not 1 <= limit <= 10000:
                     raise ValueError(f"limit: expected 1..10000, got {limit}")
                 records = await asyncio.to_thread(query, audit_log.path, q.get("principal"), q.get("since"),
@@ -350,6 +359,13 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+def _int_param(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -38,7 +38,10 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        try:
+            line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate somewhere: escaped, the line stays valid UTF-8 and JSON
+            line = (json.dumps(record, ensure_ascii=True, default=str) + "\n").encode("ascii")
         with self._lock:
             size = self.path.stat().st_size if self.path.exists() else 0
             if size and size + len(line) > self.max_bytes:

@@ -199,6 +199,8 @@ def _oidc(path: Path, spec: Any, roles: dict[str, Role]) -> OidcConfig:
     jwks = json.loads(jwks_path.read_text())
     keys = {}
     for i, jwk in enumerate(jwks.get("keys", []) if isinstance(jwks, dict) else []):
+        if isinstance(jwk, dict) and jwk.get("use") == "enc":
+            continue  # an encryption key (providers such as Keycloak publish them too): never verifies tokens
         try:
             keys[jwk.get("kid")] = PyJWK(jwk)
         except Exception as e:  # noqa: BLE001 - name the bad key
@@ -252,6 +254,8 @@ class Authenticator:
                 key = next(iter(oidc.keys.values()))
             if key is None:
                 raise unauthorized("token signed by an unknown key (kid not in the configured JWKS)")
+            if key.algorithm_name != alg:  # e.g. an RS256 header naming an EC key: never verify across types
+                raise unauthorized(f"token algorithm {alg!r} does not match its key's {key.algorithm_name!r}")
             claims = jwt.decode(token, key.key, algorithms=[alg], audience=oidc.audience, issuer=oidc.issuer,
                                 leeway=oidc.leeway, options={"require": ["exp", "iss", "aud"]})
         except jwt.ExpiredSignatureError:
@@ -260,7 +264,7 @@ class Authenticator:
             raise unauthorized("token audience does not match this server") from None
         except jwt.InvalidIssuerError:
             raise unauthorized("token issuer does not match the configured issuer") from None
-        except jwt.InvalidTokenError as e:
+        except (jwt.InvalidTokenError, jwt.PyJWKError, TypeError, ValueError) as e:  # a bad token is never a 500
             raise unauthorized(f"invalid token: {e}") from None
         name = claims.get(oidc.principal_claim)
         if not isinstance(name, str) or not name:

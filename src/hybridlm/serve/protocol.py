@@ -57,10 +57,31 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ApiError(400, f"request body: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body: JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body: expected a JSON object, got {type(body).__name__}",
                        code="invalid_json")
+    if "\\u" in text and _has_lone_surrogate(body):  # "\ud800" is valid JSON but no UTF-8 text
+        raise ApiError(400, "request body: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                       "which is not valid Unicode text", code="invalid_encoding")
     return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]  # iterative: nesting depth is the client's choice
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return False
 
 
 # ------------------------------------------------------------------------------------------- chat
@@ -132,8 +153,8 @@ class Limits:
 def sampling_params(body: dict[str, Any], prompt_tokens: int, limits: Limits, vocab_size: int,
                     extra_stop: list[str] | None = None) -> SamplingParams:
     """Validate the OpenAI sampling fields of ``body`` (400 naming the field) and bound them by ``limits``."""
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):  # null: OpenAI's default, 1
         raise ApiError(400, f"n: only n=1 is supported, got {n!r}", param="n")
     if body.get("best_of", 1) not in (1, None):
         raise ApiError(400, f"best_of: only 1 is supported, got {body['best_of']!r}", param="best_of")
