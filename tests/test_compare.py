@@ -41,6 +41,26 @@ def test_compare_quick_writes_everything(tmp_path, capsys):
         assert len(results["plots"]) == 4
 
 
+def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens(tmp_path):
+    """The default path: families trained two at a time in their own processes, then measured one by one
+    from their checkpoints; the Transformer takes 4x the batch for 1/4 of the steps."""
+    from hybridlm.compare import CompareSettings, compare
+
+    settings = CompareSettings.quick(families=["transformer", "mamba"], steps=8, isolate=True, workers=2)
+    results = compare(settings, tmp_path / "cmp", progress=False)
+    by_family = {f["family"]: f for f in results["families"]}
+    assert list(by_family) == ["transformer", "mamba"]  # the table keeps the requested order
+    t, m = by_family["transformer"], by_family["mamba"]
+    assert (t["train_steps"], t["train_batch_size"]) == (2, 4 * settings.batch_size)
+    assert (m["train_steps"], m["train_batch_size"]) == (8, settings.batch_size)
+    assert t["train_steps"] * t["train_batch_size"] == m["train_steps"] * m["train_batch_size"]
+    for f in (t, m):
+        assert all(s["prefill_s"] > 0 and s["decode_ms_per_token"] > 0 for s in f["speed"].values())
+        assert (tmp_path / "cmp" / "runs" / f["family"] / "checkpoint" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
+        compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
+
+
 def test_families_are_matched_in_size():
     from hybridlm import HybridLM
 

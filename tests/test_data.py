@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from hybridlm.data.corpus import corpus_files, default_corpus_files
 from hybridlm.data.source import TextSource
@@ -87,3 +88,21 @@ def test_bad_data_errors(tmp_path):
         tokenize_corpus(tmp_path / "bad.jsonl", ByteTokenizer())
     with pytest.raises(ValueError, match="seq_len: 600 is longer than the data"):
         TextSource(np.zeros(1000, dtype=np.uint16), seq_len=600)
+
+
+def test_task_curriculum_keeps_tokens_per_step_and_splits_like_one_batch():
+    from hybridlm.data.source import TaskSource
+    from hybridlm.data.tasks import get_task
+
+    source = TaskSource(get_task("induction_heads"), 64, seed=3, short_length=16, short_steps=2)
+    ids, labels = source.train_batch(0, 0, 3)
+    assert ids.shape == labels.shape == (12, 16)  # 4 short sequences in place of each long one
+    assert source.train_batch(2, 0, 3)[0].shape == (3, 64)  # the full length from step short_steps on
+    # A step split over processes / micro-batches trains on the very same sequences.
+    parts = torch.cat([source.train_batch(1, 0, 1)[0], source.train_batch(1, 1, 2)[0]])
+    assert torch.equal(parts, source.train_batch(1, 0, 3)[0])
+    assert source.describe()["short_steps"] == 2
+    with pytest.raises(ValueError, match="short_length: expected a divisor of seq_len=64, got 24"):
+        TaskSource(get_task("induction_heads"), 64, short_length=24, short_steps=2)
+    with pytest.raises(ValueError, match="short_steps: expected an integer >= 0, got -1"):
+        TaskSource(get_task("induction_heads"), 64, short_length=16, short_steps=-1)

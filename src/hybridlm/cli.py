@@ -232,9 +232,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     given = {"task": args.task, "families": None if args.families is None else args.families.split(","),
              "d_model": args.d_model, "n_layers": args.n_layers, "train_length": args.train_length,
-             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "steps": args.steps, "short_length": args.short_length, "short_steps": args.short_steps,
+             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_lengths": ints(args.lengths), "eval_samples": args.samples, "contexts": ints(args.contexts),
-             "threads": args.threads}
+             "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay}
     given = {k: v for k, v in given.items() if v is not None}
     settings = CompareSettings.quick(**given) if args.quick else CompareSettings(**given)
     results = compare(settings, args.out, progress=not args.no_progress)
@@ -350,15 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", help="comma-separated subset of transformer,mamba,mamba2,hybrid")
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layers", type=int)
-    p.add_argument("--train-length", type=int, help="training sequence length")
-    p.add_argument("--steps", type=int, help="training steps per family (same token budget for each)")
+    p.add_argument("--train-length", type=int, help="training sequence length (default 256)")
+    p.add_argument("--short-length", type=int, help="length of the curriculum's first steps (default 64)")
+    p.add_argument("--short-steps", type=int, help="steps at the short length (default 2000; 0: none)")
+    p.add_argument("--steps", type=int, help="training steps per family (the Transformer takes 1/4 of them with "
+                                             "4x the batch: the same tokens)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--lengths", help="comma-separated evaluation lengths")
     p.add_argument("--samples", type=int, help="evaluation sequences per length")
     p.add_argument("--contexts", help="comma-separated context lengths for speed and memory")
-    p.add_argument("--threads", type=int, help="torch/numba threads (default 1: fastest for these small models)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
+    p.add_argument("--threads", type=int, help="torch/numba threads per family (default 1: fastest for these "
+                                               "small models)")
+    p.add_argument("--workers", type=int, help="families trained at once, a process each (default 2)")
     p.add_argument("--out", default="compare-out", help="output directory (default compare-out)")
     p.add_argument("--quick", action="store_true", help="a tiny run of seconds (tests, installation check)")
     p.add_argument("--no-progress", action="store_true")

@@ -30,7 +30,7 @@ from hybridlm.train import TrainConfig, train
 # Layer patterns of the families at n_layers = 2 (tiled for more). The hybrid is Jamba-style: a Mamba layer
 # then an attention layer without positional encoding (Jamba uses none: the Mamba layers carry position).
 FAMILIES: dict[str, dict[str, Any]] = {
-    "transformer": dict(layers="A", ffn="mlp"),
+    "transformer": dict(layers="A", ffn="mlp", batch_scale=4),
     "mamba": dict(layers="M", ffn="none"),
     "mamba2": dict(layers="S", ffn="none"),
     "hybrid": dict(layers="MA", ffn="mlp", rope_theta=None),
@@ -45,15 +45,27 @@ class CompareSettings:
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     d_model: int = 64
     n_layers: int = 2
-    # Induction heads scores one answer per sequence, so the batch (answers per step) decides how soon the
-    # Transformer leaves its loss plateau (ln 14): with 16 sequences of 64 a step it never did in 2,500 steps,
-    # with 64 it does within ~300 (8 heads) to ~600 (4 heads). Length 64, not 32: trained at 32 the Transformer
-    # learns faster but Mamba-1 no longer extrapolates (31% at 1024 in an exploratory run). Cost: Mamba-1's
-    # extrapolation grew with steps (4096: 94% after 2,500 steps of 16, 23% after these 1,000 of 64; README).
-    train_length: int = 64
-    steps: int = 1000
-    batch_size: int = 64
+    # The Mamba paper's setting: trained at length 256 (Table 11), with a length curriculum: the first
+    # `short_steps` steps see 4 sequences of 64 in place of each one of 256 (the same tokens). At 256 from the
+    # start Mamba-1 had not learned the task after 1,000 steps of 16 (53%); at 64 throughout it learns within
+    # ~800 steps but its accuracy at 4096 stalls at 67-97% (the loss saturates near 1e-8 at that length, so
+    # nothing more pushes dt towards the near-zero values that carry the state across thousands of tokens).
+    # In exploratory runs 1,000 steps at 64 and then 3,000 at 256 gave 100% at 4096, 2,000 and 2,000 99.2%;
+    # the Transformer needs the longer warm-up (at 1/4 of its steps it had not left its plateau).
+    # Every family gets the same tokens; how it takes them differs: induction heads scores one answer per
+    # sequence, so the answers per step decide how soon the Transformer leaves its loss plateau (ln 14): with
+    # 16 sequences of 64 a step it never did in 2,500 steps, with 64 it does within ~300 to ~600, while the
+    # SSMs gain from more steps. So the Transformer (batch_scale in FAMILIES) takes 4x the batch for 1/4 of
+    # the steps (short ones included). Weight decay 0: with 0.1 on the matrices Mamba-1 (4,000 steps of 16 at
+    # 64) reached 80% at 4096, without it 97%: decay pulls dt_proj and x_proj towards the dt of
+    # initialisation, against the near-zero dt on irrelevant tokens that extrapolation needs.
+    train_length: int = 256
+    short_length: int | None = 64
+    short_steps: int = 2000
+    steps: int = 4000
+    batch_size: int = 4
     lr: float = 3e-3
+    weight_decay: float = 0.0
     warmup_steps: int = 100
     seed: int = 0
     eval_lengths: list[int] = field(default_factory=lambda: [64, 256, 1024, 4096])
@@ -61,12 +73,14 @@ class CompareSettings:
     contexts: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
     decode_steps: int = 16
     threads: int = 1  # torch/numba threads: one is fastest for models this small, and robust on a busy machine
+    workers: int = 2  # families trained at once, each in its own process (speed is then measured one by one)
     isolate: bool = True  # each family in its own process (clean thread pools, fair timings)
 
     @classmethod
     def quick(cls, **overrides: Any) -> CompareSettings:
         """Seconds, not minutes: for tests and for checking an installation."""
-        base = dict(d_model=32, n_layers=2, train_length=32, steps=8, batch_size=4, warmup_steps=2,
+        base = dict(d_model=32, n_layers=2, train_length=32, short_length=16, short_steps=4, steps=8,
+                    batch_size=4, warmup_steps=2,
                     eval_lengths=[32, 64], eval_samples=8, contexts=[32, 64], decode_steps=2, isolate=False)
         return cls(**{**base, **overrides})
 
@@ -74,11 +88,15 @@ class CompareSettings:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise ValueError(f"families: expected a non-empty list from {list(FAMILIES)}, got {self.families}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers: expected an integer >= 1, got {self.workers!r}")
         for name in ("eval_lengths", "contexts"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"{name}: expected positive integers, got {values}")
-        TaskSource(get_task(self.task), self.train_length)  # a specific error for an unknown task or short length
+        # a specific error for an unknown task, a too short length or a bad curriculum
+        TaskSource(get_task(self.task), self.train_length, short_length=self.short_length,
+                   short_steps=self.short_steps)
 
 
 def family_config(family: str, d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
@@ -88,6 +106,7 @@ def family_config(family: str, d_model: int, n_layers: int, vocab_size: int) -> 
         raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
     spec = dict(FAMILIES[family])
     pattern = spec.pop("layers")
+    spec.pop("batch_scale", None)
     if n_layers % len(pattern):
         raise ValueError(f"n_layers: family {family!r} tiles the pattern {pattern!r}; give a multiple of "
                          f"{len(pattern)}, got {n_layers}")
@@ -130,16 +149,22 @@ def _eval_batch(length: int) -> int:
     return max(1, min(16, 32768 // length))
 
 
-def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def train_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True
+                 ) -> tuple[HybridLM, dict[str, Any]]:
+    """Train ``family`` on the task and score it at every evaluation length; returns the model and its results
+    (the run, with its checkpoint, is written to ``out_dir / family``)."""
     task = get_task(settings.task)
     config = family_config(family, settings.d_model, settings.n_layers, task.vocab_size)
-    train_config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, seq_len=settings.train_length,
-                               lr=settings.lr, warmup_steps=settings.warmup_steps, seed=settings.seed,
-                               eval_every=0, eval_batches=2, log_every=max(1, settings.steps // 20),
-                               weight_decay=0.1, beta2=0.98)
-    source = TaskSource(task, settings.train_length, seed=settings.seed)
+    scale = FAMILIES[family].get("batch_scale", 1)
+    steps, batch_size = max(1, settings.steps // scale), settings.batch_size * scale
+    train_config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=settings.train_length,
+                               lr=settings.lr, warmup_steps=max(1, settings.warmup_steps // scale),
+                               seed=settings.seed, eval_every=0, eval_batches=2, log_every=max(1, steps // 20),
+                               weight_decay=settings.weight_decay, beta2=0.98)
+    source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.short_length,
+                        short_steps=settings.short_steps // scale)
     if progress:
-        print(f"[{family}] {config.summary()}", file=sys.stderr)
+        print(f"[{family}] {config.summary()}; {steps} steps of {batch_size} sequences", file=sys.stderr)
     t = time.perf_counter()
     result = train(config, train_config, source, out_dir / family, progress=progress)
     train_s = time.perf_counter() - t
@@ -152,16 +177,29 @@ def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: 
                           seed=settings.seed + 1)
         accuracy[str(length)] = s.accuracy
     eval_s = time.perf_counter() - t
-    measure_speed(model, min(settings.contexts), 1, task.vocab_size)  # warm-up (allocations, kernels)
-    speed = {str(c): measure_speed(model, c, settings.decode_steps, task.vocab_size) for c in settings.contexts}
-    return {
+    return model, {
         "family": family, "label": LABELS[family], "layers": config.layers, "ffn": config.ffn_pattern,
         "config": config.to_dict(), "parameters": model.num_parameters(),
+        "train_steps": steps, "train_batch_size": batch_size,
         "train_seconds": train_s, "train_tokens_per_s": result.train_tokens_per_s,
-        "final_train_loss": losses[-1] if losses else None, "eval_seconds": eval_s,
-        "accuracy": accuracy, "speed": speed,
+        "final_train_loss": losses[-1] if losses else None, "eval_seconds": eval_s, "accuracy": accuracy,
+    }
+
+
+def measure_family(model: HybridLM, settings: CompareSettings) -> dict[str, Any]:
+    """Prefill and decode speed (batch 1) and inference-state bytes of ``model`` at every context."""
+    vocab_size = get_task(settings.task).vocab_size
+    measure_speed(model, min(settings.contexts), 1, vocab_size)  # warm-up (allocations, kernels)
+    return {
+        "speed": {str(c): measure_speed(model, c, settings.decode_steps, vocab_size) for c in settings.contexts},
         "state_bytes": {str(c): state_bytes(model, c) for c in sorted({*settings.contexts, *settings.eval_lengths})},
     }
+
+
+def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Train, score and measure one family in this process."""
+    model, result = train_family(family, settings, out_dir, progress)
+    return {**result, **measure_family(model, settings)}
 
 
 def _set_threads(threads: int) -> int:
@@ -171,22 +209,51 @@ def _set_threads(threads: int) -> int:
     return previous
 
 
-def _run_in_child(family: str, settings: CompareSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
-    torch.set_num_threads(settings.threads)
-    return run_family(family, settings, out_dir, progress)
+def _child_threads(threads: int) -> None:
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _run_isolated(family: str, settings: CompareSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
-    """``run_family`` in a fresh process, so that no thread pool of one family (numba's workers keep spinning
-    after a parallel kernel) slows the next, and every family gets the same thread count, numba's included."""
+def _train_in_child(family: str, settings: CompareSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
+    _child_threads(settings.threads)
+    return train_family(family, settings, out_dir, progress)[1]
+
+
+def _measure_in_child(family: str, settings: CompareSettings, out_dir: Path) -> dict[str, Any]:
+    from hybridlm.train import checkpoint_path
+
+    _child_threads(settings.threads)
+    return measure_family(HybridLM.from_pretrained(checkpoint_path(out_dir / family)).eval(), settings)
+
+
+def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> list[dict[str, Any]]:
+    """Every family in fresh processes: trained ``settings.workers`` at a time (a process each, so that no
+    thread pool of one slows another and each gets the same thread count, numba's included), then measured
+    one at a time, so that no timing shares the machine with another family's training."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    os.environ.update({k: str(settings.threads) for k in saved})  # read by the child at import
+    os.environ.update({k: str(settings.threads) for k in saved})  # read by the children at import
+    context = multiprocessing.get_context("spawn")
+    bars = progress and settings.workers == 1  # concurrent progress bars would garble one terminal
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_run_in_child, family, settings, out_dir, progress).result()
+        with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
+            # The Transformer last: it trains fastest, so it fills in beside the slower SSMs.
+            order = sorted(settings.families, key=lambda f: FAMILIES[f].get("batch_scale", 1))
+            jobs = {pool.submit(_train_in_child, f, settings, out_dir, bars): f for f in order}
+            trained = {}
+            for job in as_completed(jobs):
+                r = trained[jobs[job]] = job.result()
+                if progress and not bars:
+                    print(f"[{r['family']}] trained in {r['train_seconds']:.0f} s, final loss "
+                          f"{r['final_train_loss']:.2e}; accuracy by length: "
+                          + ", ".join(f"{n}: {100 * a:.1f}%" for n, a in r["accuracy"].items()), file=sys.stderr)
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return [{**trained[f], **pool.submit(_measure_in_child, f, settings, out_dir).result()}
+                    for f in settings.families]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -202,7 +269,7 @@ def compare(settings: CompareSettings, out_dir: str | Path, progress: bool = Tru
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if settings.isolate:
-        families = [_run_isolated(f, settings, out_dir / "runs", progress) for f in settings.families]
+        families = _run_isolated(settings, out_dir / "runs", progress)
     else:
         restore = _set_threads(settings.threads)
         try:

@@ -56,9 +56,13 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
     lines = [
         f"# hybridlm compare: {s['task']}",
         "",
-        f"Trained at length {s['train_length']} for {s['steps']} steps of {s['batch_size']} sequences "
-        f"({s['steps'] * s['batch_size'] * s['train_length']:,} tokens per family, the same samples for every "
-        f"family: seed {s['seed']}), lr {s['lr']}, d_model {s['d_model']}, {s['n_layers']} layers. "
+        f"Trained at length {s['train_length']}"
+        + (f" (a curriculum: the first {s['short_steps']:,} steps on sequences of {s['short_length']}, the same "
+           f"tokens per step)" if s.get("short_length") and s.get("short_steps") else "")
+        + f" on {s['steps'] * s['batch_size'] * s['train_length']:,} tokens "
+        f"per family (the same samples for every family: seed {s['seed']}; steps and batch per family in the "
+        f"Training table), lr {s['lr']}, weight decay {s['weight_decay']}, d_model {s['d_model']}, "
+        f"{s['n_layers']} layers. "
         f"Accuracy on {s['eval_samples']} fresh sequences per length. Machine: {m['processor']}, "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}"
         + (f", load average {m['load_average']:.1f} at the end" if m.get("load_average") is not None else "")
@@ -83,9 +87,9 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
         "",
         "## Training",
         "",
-        _markdown(["family", "train time (s)", "final train loss", "tokens/s"],
-                  [[f["label"], f"{f['train_seconds']:.1f}", f"{f['final_train_loss']:.4f}",
-                    f"{f['train_tokens_per_s']:,.0f}"] for f in results["families"]]),
+        _markdown(["family", "steps x batch", "train time (s)", "final train loss", "tokens/s"],
+                  [[f["label"], f"{f['train_steps']:,} x {f['train_batch_size']}", f"{f['train_seconds']:.1f}",
+                    f"{f['final_train_loss']:.2e}", f"{f['train_tokens_per_s']:,.0f}"] for f in results["families"]]),
         "",
     ]
     if plots:
@@ -107,8 +111,9 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     def plot(name: str, xs: list[int], ys_of, ylabel: str, title: str, log_y: bool = False, percent=False):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for f in results["families"]:
-            ax.plot(xs, [ys_of(f, x) for x in xs], marker="o", label=f["label"])
+        for i, f in enumerate(results["families"]):  # distinct markers and dashes: equal results overlap
+            ax.plot(xs, [ys_of(f, x) for x in xs], marker="os^D"[i % 4], linestyle=("-", "--", "-.", ":")[i % 4],
+                    markersize=7 - i, label=f["label"])
         ax.set_xscale("log", base=2)
         if log_y:
             ax.set_yscale("log")
@@ -120,7 +125,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="center left" if percent else "best")
+        ax.legend(fontsize=8, loc="lower left" if percent else "best")
         fig.tight_layout()
         tmp = out_dir / f".{PLOTS[name]}.tmp.png"
         fig.savefig(tmp)

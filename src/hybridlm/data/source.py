@@ -63,19 +63,40 @@ class TextSource:
 
 
 class TaskSource:
-    """Sequences of ``seq_len`` tokens of a synthetic task, freshly drawn for every step."""
+    """Sequences of ``seq_len`` tokens of a synthetic task, freshly drawn for every step.
 
-    def __init__(self, task: Task, seq_len: int, seed: int = 0) -> None:
+    A length curriculum: during the first ``short_steps`` steps each sample is ``seq_len // short_length``
+    sequences of ``short_length`` tokens instead of one of ``seq_len`` (the same tokens per step, and a
+    sample's sequences still depend only on (seed, step, index)). A short warm-up lets a model find the
+    mechanism where it is cheap to find; the full length then trains it to hold it over longer spans.
+    """
+
+    def __init__(self, task: Task, seq_len: int, seed: int = 0, short_length: int | None = None,
+                 short_steps: int = 0) -> None:
         task.sample(1, seq_len, np.random.default_rng(0))  # a clear error now if seq_len is too short
+        if short_length is not None:
+            if not isinstance(short_length, int) or short_length < 1 or seq_len % short_length:
+                raise ValueError(f"short_length: expected a divisor of seq_len={seq_len}, got {short_length!r}")
+            task.sample(1, short_length, np.random.default_rng(0))
+        if not isinstance(short_steps, int) or short_steps < 0:
+            raise ValueError(f"short_steps: expected an integer >= 0, got {short_steps!r}")
         self.task, self.seq_len, self.seed = task, seq_len, seed
+        self.short_length, self.short_steps = short_length, short_steps if short_length else 0
         self.vocab_size = task.vocab_size
 
-    def _draw(self, stream: int, index: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = [self.task.sample(1, self.seq_len, np.random.default_rng([self.seed, stream, index, j]))
+    def _draw(self, stream: int, index: int, start: int, count: int, length: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        length = length or self.seq_len
+        batches = [self.task.sample(1, length, np.random.default_rng([self.seed, stream, index, j]))
                    for j in range(start, start + count)]
         return torch.cat([b.input_ids for b in batches]), torch.cat([b.labels for b in batches])
 
     def train_batch(self, step: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``start .. start+count-1`` of step ``step``: (count, seq_len) tensors, or during the short
+        steps (count * seq_len // short_length, short_length)."""
+        if step < self.short_steps:
+            k = self.seq_len // self.short_length
+            return self._draw(TRAIN, step, start * k, count * k, self.short_length)
         return self._draw(TRAIN, step, start, count)
 
     def eval_batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,4 +104,6 @@ class TaskSource:
             yield self._draw(EVAL, i, 0, batch_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "task", "task": self.task.describe(), "seq_len": self.seq_len, "seed": self.seed}
+        curriculum = {"short_length": self.short_length, "short_steps": self.short_steps} if self.short_steps else {}
+        return {"kind": "task", "task": self.task.describe(), "seq_len": self.seq_len, "seed": self.seed,
+                **curriculum}
