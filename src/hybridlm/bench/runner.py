@@ -209,19 +209,15 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     if settings.scan:
         results["scan"] = scan_benchmark(machine, settings.repeats)
     max_context = max([*settings.prefill_lengths, *settings.decode_contexts]) + 256
-    # Ours for every preset first, then the peers: the peak RSS of our runs is not inflated by peer models
-    # that were loaded earlier in this process.
+    # Per preset, ours and then each peer right after it: a ratio compares runs minutes apart at most, so a
+    # change in the machine's load between them (a shared machine) moves both sides alike. Our peak RSS is
+    # read before any peer model of that preset is loaded.
     for preset in settings.presets:
         model = build_model(preset)
         entry: dict[str, Any] = {"limits": limits(model, machine, settings), "subjects": {}, "not_measured": {}}
+        results["presets"][preset] = entry
         log(f"{preset}: hybridlm ...")
         entry["subjects"]["hybridlm"] = measure_subject(Ours(model), model, settings, is_ours=True)
-        results["presets"][preset] = entry
-        del model
-        gc.collect()
-    for preset in settings.presets:
-        entry = results["presets"][preset]
-        model = build_model(preset)  # the same seed: the same weights as ours
         for peer in settings.peers:
             try:
                 subject = make_peer(peer, model, settings.threads, max_context)
@@ -237,6 +233,8 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
                 entry["not_measured"][peer] = f"failed: {type(e).__name__}: {e}"[:300]
             del subject
             gc.collect()
+        del model
+        gc.collect()
     return results
 
 

@@ -140,8 +140,9 @@ class MambaPy:
                 self.mamba = Mamba(config)
                 self.norm_f = RMSNorm(c.d_model, c.norm_eps)
 
-            def forward(self, ids: torch.Tensor) -> torch.Tensor:
-                return self.norm_f(self.mamba(self.embedding(ids))) @ self.embedding.weight.T
+            def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+                x = self.norm_f(self.mamba(self.embedding(ids)))
+                return (x[:, -logits_to_keep:] if logits_to_keep else x) @ self.embedding.weight.T
 
             def step(self, token: torch.Tensor, caches: list) -> tuple[torch.Tensor, list]:
                 x, caches = self.mamba.step(self.embedding(token), caches)
@@ -153,7 +154,7 @@ class MambaPy:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> None:
-        self.model(ids)
+        self.model(ids, logits_to_keep=1)  # the last position's logits only, as ours and HF's prefill
 
     def decoder(self, context: int) -> Callable[[], None]:
         # mambapy has no prompt-to-cache path; its step cost does not depend on the context (fixed state).
