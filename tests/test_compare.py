@@ -57,6 +57,9 @@ def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens
     for f in (t, m):
         assert all(s["prefill_s"] > 0 and s["decode_ms_per_token"] > 0 for s in f["speed"].values())
         assert (tmp_path / "cmp" / "runs" / f["family"] / "checkpoint" / "model.safetensors").is_file()
+    again = compare(settings, tmp_path / "cmp", progress=False)  # a second run into the same directory
+    assert [f["family"] for f in again["families"]] == ["transformer", "mamba"]
+    assert [p.name for p in (tmp_path / "cmp").iterdir() if p.name.startswith(".runs-")] == []
     with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
         compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
 
