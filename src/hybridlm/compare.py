@@ -1,10 +1,11 @@
 """``hybridlm compare``: train the families side by side on one synthetic task, then measure and report.
 
-Every family gets the same task, the same samples (one seed), the same number of steps and tokens, and a
-model of about the same size (the Mamba paper's synthetic-task scale: 2 layers, d_model 64). Reported per
-family: accuracy at the training length and beyond it (length extrapolation), training tokens/s, prefill
-time and decode time per token against context length, inference-state bytes (KV cache or fixed SSM state)
-against context length, and parameters. Writes ``report.md``, ``results.json`` and PNG plots.
+Every family gets the same task, the same samples (one seed), the same number of tokens (the Transformer
+in larger batches, see ``CompareSettings``), and a model of about the same size (the Mamba paper's
+synthetic-task scale: 2 layers, d_model 64). Reported per family: accuracy at the training length and beyond
+it (length extrapolation), training tokens/s, prefill time and decode time per token against context length,
+inference-state bytes (KV cache or fixed SSM state) against context length, and parameters. Writes
+``report.md``, ``results.json`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -212,22 +213,18 @@ def _set_threads(threads: int) -> int:
     return previous
 
 
-def _child_threads(threads: int) -> None:
-    import numba
-
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def _train_in_child(family: str, settings: CompareSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
-    _child_threads(settings.threads)
+    from hybridlm.bench.runner import set_threads
+
+    set_threads(settings.threads)
     return train_family(family, settings, out_dir, progress)[1]
 
 
 def _measure_in_child(family: str, settings: CompareSettings, out_dir: Path) -> dict[str, Any]:
+    from hybridlm.bench.runner import set_threads
     from hybridlm.train import checkpoint_path
 
-    _child_threads(settings.threads)
+    set_threads(settings.threads)
     return measure_family(HybridLM.from_pretrained(checkpoint_path(out_dir / family)).eval(), settings)
 
 
