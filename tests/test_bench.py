@@ -94,3 +94,12 @@ def test_bench_cli_validates_arguments():
         main(["bench", "--presets", "llama2-7b"])
     with pytest.raises(SystemExit, match="--prefill: expected comma-separated positive integers"):
         main(["bench", "--presets", "mamba-tiny", "--prefill", "0,12"])
+    with pytest.raises(SystemExit, match="--train-length: expected a token count >= 0"):
+        main(["bench", "--presets", "mamba-tiny", "--train-length", "-1"])
+
+
+def test_bench_train_length_zero_skips_the_training_step():
+    results = run(tiny_settings(presets=("mamba2-tiny",), train_length=0, decode_contexts=(8,)), log=lambda _: None)
+    ours = results["presets"]["mamba2-tiny"]["subjects"]["hybridlm"]
+    assert ours["train"] is None and ours["prefill"] and ours["decode"]
+    assert "forward+backward" not in format_report(results)

@@ -98,6 +98,8 @@ def test_bad_inputs_are_specific_errors():
         model(torch.tensor([[1, 999]]))
     with pytest.raises(ValueError, match="input_ids: expected an integer tensor of shape"):
         model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="input_ids: expected at least one token per sequence, got length 0"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"attention_mask: expected shape \(1, 2\)"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="state: made for batch size 2"):

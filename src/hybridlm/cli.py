@@ -209,6 +209,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise ValueError(f"--peer: unknown {p!r}; expected one of {PEERS}")
     if args.threads <= 0 or args.repeats <= 0 or args.budget <= 0:
         raise ValueError("--threads, --repeats and --budget: expected positive numbers")
+    if args.train_length < 0:
+        raise ValueError(f"--train-length: expected a token count >= 0 (0 skips training), got {args.train_length}")
     settings = BenchSettings(presets=presets, peers=peers, threads=args.threads,
                              prefill_lengths=_int_list(args.prefill, "--prefill"),
                              decode_contexts=_int_list(args.decode, "--decode"), train_length=args.train_length,
@@ -393,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for us and every peer (default 2)")
     p.add_argument("--prefill", default="256,512,1024,2048,4096,8192,16384", help="prompt lengths")
     p.add_argument("--decode", default="512,2048,8192,32768,65536", help="decode contexts")
-    p.add_argument("--train-length", type=int, default=512, help="tokens of the forward+backward step")
+    p.add_argument("--train-length", type=int, default=512,
+                   help="tokens of the forward+backward step (0: skip it)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median; after a warm-up)")
     p.add_argument("--budget", type=float, default=120, help="seconds per preset and subject (default 120)")
     p.add_argument("--no-scan", action="store_true", help="skip the isolated selective-scan measurement")

@@ -157,6 +157,8 @@ class HybridLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids: expected an integer tensor of shape (batch, length), "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: expected at least one token per sequence, got length 0")
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.padded_vocab_size:
             raise ValueError(f"input_ids: expected token ids in [0, {self.config.padded_vocab_size}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")

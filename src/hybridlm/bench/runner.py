@@ -29,7 +29,7 @@ class BenchSettings:
     threads: int = 2
     prefill_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
     decode_contexts: tuple[int, ...] = (512, 2048, 8192, 32768, 65536)
-    train_length: int = 512
+    train_length: int = 512  # 0: no forward+backward step
     decode_tokens: int = 8  # timed decode steps per repeat
     repeats: int = 3
     budget_s: float = 120.0  # per subject and preset
@@ -152,7 +152,7 @@ def measure_subject(subject: Any, model: HybridLM, settings: BenchSettings, is_o
             entry["peak_rss"] = peak_rss_bytes()
         out["decode"][context] = entry
         del step
-    if getattr(subject, "train_step", None) is not None and budget.left() > 5:
+    if settings.train_length and getattr(subject, "train_step", None) is not None and budget.left() > 5:
         ids = torch.randint(0, vocab, (1, settings.train_length), generator=gen)
         seconds = median_time(lambda: subject.train_step(ids), settings.repeats, budget.left() / 2)
         out["train"] = {"length": settings.train_length, "tok_s": settings.train_length / seconds}
