@@ -289,3 +289,73 @@ def test_fused_mamba2_step_equals_torch_step(config):
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].ssm, states[0].ssm, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].conv, states[0].conv)
+
+
+# ------------------------------------------------------------------------------------------ Mamba-2 SSD
+def ssd_case(b, l, h, p, g, n, with_D=True, with_bias=True, with_h0=True, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(l * 100 + n)
+    return dict(
+        x=torch.randn(b, l, h, p, generator=gen).to(dtype), dt=torch.randn(b, l, h, generator=gen).to(dtype),
+        A=-torch.rand(h, generator=gen) * 8 - 0.5, B=torch.randn(b, l, g, n, generator=gen).to(dtype),
+        C=torch.randn(b, l, g, n, generator=gen).to(dtype), D=torch.randn(h, generator=gen) if with_D else None,
+        dt_bias=torch.randn(h, generator=gen) if with_bias else None,
+        initial_state=torch.randn(b, h, p, n, generator=gen) if with_h0 else None,
+    )
+
+
+@pytest.mark.parametrize("b, l, h, p, g, n, with_D, with_bias, with_h0", [
+    (1, 1, 2, 4, 1, 16, True, True, True),     # a single step
+    (2, 37, 4, 8, 2, 1, True, False, True),    # prime length, two groups, d_state 1
+    (1, 64, 3, 5, 1, 64, False, True, False),  # exactly one chunk, odd head size
+    (2, 131, 6, 16, 3, 16, True, True, True),  # three chunks, the last of 3 steps
+    (1, 200, 4, 64, 1, 128, True, True, False),  # mamba2-130m's head and state sizes
+])
+def test_numba_ssd_equals_reference(b, l, h, p, g, n, with_D, with_bias, with_h0):
+    from hybridlm.ops.ssd_numba import ssd_numba
+    from hybridlm.ops.ssd_reference import ssd_reference
+
+    inp = ssd_case(b, l, h, p, g, n, with_D, with_bias, with_h0)
+    ref = {k: v.double() if v is not None else None for k, v in inp.items()}
+    y_ref, s_ref = ssd_reference(**ref, dt_softplus=True)
+    with torch.no_grad():
+        y, s = ssd_numba(**inp, dt_softplus=True, chunk_size=256)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32 and y.shape == inp["x"].shape
+    scale = y_ref.abs().max()
+    torch.testing.assert_close(y.double() / scale, y_ref / scale, atol=2e-5, rtol=0)
+    torch.testing.assert_close(s.double() / s_ref.abs().max(), s_ref / s_ref.abs().max(), atol=2e-5, rtol=0)
+    if with_h0:  # the initial state is read, never written
+        fresh = ssd_case(b, l, h, p, g, n, with_D, with_bias, with_h0)
+        assert torch.equal(inp["initial_state"], fresh["initial_state"])
+
+
+def test_numba_ssd_split_with_carried_state_equals_whole():
+    from hybridlm.ops.ssd_numba import ssd_numba
+
+    inp = ssd_case(2, 150, 4, 8, 2, 16, with_h0=False)
+    cut = 70
+    part = lambda d, lo, hi: {k: (v[:, lo:hi] if k in ("x", "dt", "B", "C") else v) for k, v in d.items()}  # noqa: E731
+    with torch.no_grad():
+        y, s = ssd_numba(**inp, dt_softplus=True)
+        ya, sa = ssd_numba(**part(inp, 0, cut), dt_softplus=True)
+        yb, sb = ssd_numba(**{**part(inp, cut, None), "initial_state": sa}, dt_softplus=True)
+    torch.testing.assert_close(torch.cat([ya, yb], 1), y, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sb, s, atol=1e-4, rtol=1e-4)
+
+
+def test_numba_ssd_falls_back_to_chunked_for_autograd_and_bf16():
+    from hybridlm.ops.ssd_chunked import ssd_chunked
+    from hybridlm.ops.ssd_numba import ssd_numba
+
+    assert dispatch.kernel("ssd", torch.device("cpu")) is ssd_numba
+    inp = ssd_case(1, 20, 2, 4, 1, 8)
+    inp["x"].requires_grad_(True)
+    y, _ = ssd_numba(**inp, dt_softplus=True)
+    (g,) = torch.autograd.grad(y.square().sum(), inp["x"])
+    y_c, _ = ssd_chunked(**inp, dt_softplus=True)
+    (g_c,) = torch.autograd.grad(y_c.square().sum(), inp["x"])
+    torch.testing.assert_close(g, g_c)
+    half = ssd_case(1, 20, 2, 4, 1, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_b, _ = ssd_numba(**half, dt_softplus=True)
+    assert y_b.dtype == torch.bfloat16
+    torch.testing.assert_close(y_b, ssd_chunked(**half, dt_softplus=True)[0])

@@ -2,7 +2,7 @@
 
 Public ops (shapes in each backend's docstring):
     selective_scan   Mamba-1 scan           backends: mamba_ssm (CUDA, when installed), numba (CPU), reference
-    ssd              Mamba-2 SSD            backends: chunked (torch matmuls), reference (sequential)
+    ssd              Mamba-2 SSD            backends: numba (CPU inference), chunked (torch matmuls), reference
     causal_conv1d    depthwise causal conv  backends: numba (CPU inference), torch
     causal_conv1d_step                      backends: torch
     mamba_step       Mamba-1 decode step    backends: numba (CPU, float32, fused), torch
@@ -40,12 +40,14 @@ try:  # numba is a core dependency, but a broken install must not break the libr
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.mamba_step_numba import mamba2_step_numba, mamba_step_numba
     from hybridlm.ops.selective_scan_numba import selective_scan_numba
+    from hybridlm.ops.ssd_numba import ssd_numba
 except ImportError as e:
     warnings.warn(f"hybridlm: numba is unavailable ({e}); the Mamba-1 scan falls back to the slow reference loop "
                   f"over time and decoding to plain torch. Install numba for the fused CPU kernels.",
                   RuntimeWarning, stacklevel=2)
 else:
     dispatch.register("selective_scan", "numba", selective_scan_numba, runs_on=_on_cpu, first=True)
+    dispatch.register("ssd", "numba", ssd_numba, runs_on=_on_cpu, first=True)
     dispatch.register("causal_conv1d", "numba", causal_conv1d_numba, runs_on=_on_cpu, first=True)
     dispatch.register("mamba_step", "numba", mamba_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("mamba2_step", "numba", mamba2_step_numba, runs_on=_on_cpu, first=True)
