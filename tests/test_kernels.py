@@ -157,6 +157,27 @@ def test_gemv_linear_equals_f_linear_and_falls_back_outside_its_domain():
     torch.testing.assert_close(x.grad, w.sum(0)[None])
 
 
+def test_gemv_linears_equal_f_linear_for_each_matrix():
+    from hybridlm.ops.gemv import fast_gemv_applies, linears
+
+    ws = (torch.randn(37, 29), torch.randn(5, 29), torch.randn(64, 29))
+    bs = (torch.randn(37), None, torch.randn(64))
+    assert ops.dispatch.kernel("linears", torch.device("cpu")) is linears
+    for rows in [(1, 29), (2, 1, 29)]:
+        x = torch.randn(*rows)
+        with torch.no_grad():
+            assert fast_gemv_applies(x, *ws)
+            out = linears(x, ws, bs)
+        assert len(out) == 3
+        for y, w, b in zip(out, ws, bs, strict=True):
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    x, strided = torch.randn(1, 29), torch.randn(29, 5).t()
+    assert not fast_gemv_applies(x, ws[0], strided)  # one non-contiguous matrix: F.linear for all
+    with torch.no_grad():
+        out = linears(x, (ws[0], strided), (None, None))
+    torch.testing.assert_close(out[1], x @ strided.T)
+
+
 @pytest.mark.parametrize("config", [
     dict(d_model=48, n_layers=1, layers="M", ffn="none", d_state=5, d_conv=3),
     dict(d_model=32, n_layers=1, layers="M", ffn="none", mamba_inner_norms=True, proj_bias=True),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import ops
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.rotary import Rotary
 
@@ -130,9 +131,11 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool, False at (left-)padding -> (b, l, d_model)
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
         past = 0 if state is None else state.length
         if self.rotary is not None:

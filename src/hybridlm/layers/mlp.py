@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import ops
 from hybridlm.layers.linear import Linear
 
 if TYPE_CHECKING:
@@ -23,4 +24,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), no auxiliary loss
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+        gate, up = ops.linears(x, (self.gate_proj.weight, self.up_proj.weight), (None, None))
+        return self.down_proj(F.silu(gate) * up), None

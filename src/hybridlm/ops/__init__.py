@@ -8,6 +8,7 @@ Public ops (shapes in each backend's docstring):
     mamba_step       Mamba-1 decode step    backends: numba (CPU, float32, fused), torch
     mamba2_step      Mamba-2 decode step    backends: numba (CPU, float32, fused), torch
     linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
+    linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ dispatch.register("causal_conv1d_step", "torch", causal_conv1d_step_torch)
 dispatch.register("mamba_step", "torch", mamba_step_torch)
 dispatch.register("mamba2_step", "torch", mamba2_step_torch)
 dispatch.register("linear", "torch", torch.nn.functional.linear)
+dispatch.register("linears", "torch", lambda x, weights, biases: tuple(
+    torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)))
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
     from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
     from hybridlm.ops.gemv import linear as linear_gemv
+    from hybridlm.ops.gemv import linears as linears_gemv
     from hybridlm.ops.mamba_step_numba import mamba2_step_numba, mamba_step_numba
     from hybridlm.ops.selective_scan_numba import selective_scan_numba
     from hybridlm.ops.ssd_numba import ssd_numba
@@ -52,6 +56,7 @@ else:
     dispatch.register("mamba_step", "numba", mamba_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("mamba2_step", "numba", mamba2_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("linear", "gemv", linear_gemv, runs_on=_on_cpu, first=True)
+    dispatch.register("linears", "gemv", linears_gemv, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -95,5 +100,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return dispatch.kernel("linear", x.device, backend)(x, weight, bias)
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "dispatch", "linear", "mamba2_step", "mamba_step", "selective_scan",
-           "ssd"]
+def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...],
+            backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w, b)`` for each pair, in one pass over the weights when decoding on CPU."""
+    return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_step", "dispatch", "linear", "linears", "mamba2_step", "mamba_step",
+           "selective_scan", "ssd"]
