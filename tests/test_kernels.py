@@ -380,3 +380,30 @@ def test_numba_ssd_falls_back_to_chunked_for_autograd_and_bf16():
         y_b, _ = ssd_numba(**half, dt_softplus=True)
     assert y_b.dtype == torch.bfloat16
     torch.testing.assert_close(y_b, ssd_chunked(**half, dt_softplus=True)[0])
+
+
+# ------------------------------------------------------------------------------------ decode attention
+@pytest.mark.parametrize("b, h, h_kv, d, length, capacity, padded", [
+    (1, 4, 4, 16, 1, 8, False),     # the first token: one key
+    (2, 8, 2, 16, 37, 50, True),    # GQA, left padding marked invalid
+    (3, 6, 3, 64, 130, 130, False),  # a full cache
+])
+def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, padded):
+    from hybridlm.ops.attention import decode_attention_torch
+    from hybridlm.ops.attention_numba import decode_attention_numba
+
+    assert dispatch.kernel("decode_attention", torch.device("cpu")) is decode_attention_numba
+    q = torch.randn(b, h, 1, d)
+    k, v = torch.randn(b, h_kv, capacity, d) * 3, torch.randn(b, h_kv, capacity, d)
+    valid = None
+    if padded:  # row i has i * 5 leading padding keys; the newest key is always real
+        valid = torch.ones(b, capacity, dtype=torch.bool)
+        for i in range(b):
+            valid[i, : i * 5] = False
+        k[1, :, :5] = 1e4  # a padding key with a huge score must weigh nothing
+    with torch.no_grad():
+        y = decode_attention_numba(q, k, v, length, valid)
+    torch.testing.assert_close(y, decode_attention_torch(q, k, v, length, valid), atol=1e-5, rtol=1e-5)
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]  # outside its domain: SDPA itself
+    expected = decode_attention_torch(*half, length, valid)
+    torch.testing.assert_close(decode_attention_numba(*half, length, valid), expected)

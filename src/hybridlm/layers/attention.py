@@ -6,19 +6,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.rotary import Rotary
+from hybridlm.ops.attention import sdpa
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
-
-# scaled_dot_product_attention shares KV heads itself from torch 2.5 on.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
 
 @dataclass
 class KVCache:
@@ -146,6 +142,9 @@ class Attention(nn.Module):
         if state is not None:
             state.append(k, v, mask)
             state.n_real += length if mask is None else mask.sum(1)
+            if length == 1 and mask is None:  # a decode step: one query over the cache
+                y = ops.decode_attention(q, state.k, state.v, state.length, state.key_valid)
+                return self.o_proj(y.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
             k, v = state.k[:, :, : state.length], state.v[:, :, : state.length]
             key_valid = None if state.key_valid is None else state.key_valid[:, : state.length]
         else:
@@ -162,15 +161,5 @@ class Attention(nn.Module):
             attn_mask = keys <= query_pos
             if key_valid is not None:
                 attn_mask = (attn_mask & key_valid[:, None, None, :]) | (keys == query_pos)
-        y = self._sdpa(q, k, v, attn_mask, is_causal)
+        y = sdpa(q, k, v, attn_mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
-
-    def _sdpa(self, q, k, v, attn_mask, is_causal) -> torch.Tensor:
-        if self.n_kv_heads == self.n_heads:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                  enable_gqa=True)
-        r = self.n_heads // self.n_kv_heads
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1),
-                                              attn_mask=attn_mask, is_causal=is_causal)

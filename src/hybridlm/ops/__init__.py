@@ -9,6 +9,7 @@ Public ops (shapes in each backend's docstring):
     mamba2_step      Mamba-2 decode step    backends: numba (CPU, float32, fused), torch
     linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
     linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
+    decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 import torch
 
 from hybridlm.ops import dispatch
+from hybridlm.ops.attention import decode_attention_torch
 from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.selective_scan_cuda import mamba_ssm_available, selective_scan_mamba_ssm
@@ -34,11 +36,13 @@ dispatch.register("causal_conv1d_step", "torch", causal_conv1d_step_torch)
 dispatch.register("mamba_step", "torch", mamba_step_torch)
 dispatch.register("mamba2_step", "torch", mamba2_step_torch)
 dispatch.register("linear", "torch", torch.nn.functional.linear)
+dispatch.register("decode_attention", "torch", decode_attention_torch)
 dispatch.register("linears", "torch", lambda x, weights, biases: tuple(
     torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)))
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
+    from hybridlm.ops.attention_numba import decode_attention_numba
     from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.gemv import linears as linears_gemv
@@ -57,6 +61,7 @@ else:
     dispatch.register("mamba2_step", "numba", mamba2_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("linear", "gemv", linear_gemv, runs_on=_on_cpu, first=True)
     dispatch.register("linears", "gemv", linears_gemv, runs_on=_on_cpu, first=True)
+    dispatch.register("decode_attention", "numba", decode_attention_numba, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -100,11 +105,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return dispatch.kernel("linear", x.device, backend)(x, weight, bias)
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                     key_valid: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """One query per sequence (b, h, 1, d) over the first ``length`` positions of a KV cache -> (b, h, 1, d)."""
+    return dispatch.kernel("decode_attention", q.device, backend)(q, k_cache, v_cache, length, key_valid)
+
+
 def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...],
             backend: str | None = None) -> tuple[torch.Tensor, ...]:
     """``F.linear(x, w, b)`` for each pair, in one pass over the weights when decoding on CPU."""
     return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "dispatch", "linear", "linears", "mamba2_step", "mamba_step",
-           "selective_scan", "ssd"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "linear", "linears", "mamba2_step",
+           "mamba_step", "selective_scan", "ssd"]
