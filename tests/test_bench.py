@@ -7,6 +7,7 @@ import torch
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.bench import BenchSettings, format_report, run
+from hybridlm.bench.peer_process import measure_peer, peer_environment, weights_fingerprint
 from hybridlm.bench.runner import decode_bytes, measure_subject, peak_rss_bytes, prefill_work
 from hybridlm.bench.subjects import Ours, state_at_context
 from hybridlm.cli import main
@@ -18,17 +19,11 @@ def tiny_settings(**kw):
     return BenchSettings(**{**base, **kw})
 
 
-def test_bench_measures_every_point_and_reports_missing_peer_as_not_measured(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_llama_cpp(name, *args, **kwargs):  # the peer is absent: reported, never a pass
-        if name == "llama_cpp":
-            raise ImportError("No module named 'llama_cpp'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+def test_bench_measures_every_point_and_reports_missing_peer_as_not_measured(monkeypatch, tmp_path):
+    # The peer's process finds a llama_cpp that fails to import: reported as not measured, never a pass.
+    (tmp_path / "llama_cpp").mkdir()
+    (tmp_path / "llama_cpp" / "__init__.py").write_text("raise ImportError(\"No module named 'llama_cpp'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     results = run(tiny_settings(peers=("llamacpp",)), log=lambda _: None)
     json.dumps(results, default=str)
     for preset in ("mamba-tiny", "llama-tiny"):
@@ -45,6 +40,36 @@ def test_bench_measures_every_point_and_reports_missing_peer_as_not_measured(mon
     assert ssm[64]["state_bytes"] == ssm[8]["state_bytes"] > 0
     text = format_report(results)
     assert "## mamba-tiny" in text and "llamacpp: not measured" in text
+    assert "ImportError" in results["presets"]["mamba-tiny"]["not_measured"]["llamacpp"]
+
+
+def test_peer_runs_in_its_own_process_on_the_same_weights():
+    pytest.importorskip("transformers")
+    results = run(tiny_settings(presets=("mamba-tiny",), peers=("hf",), decode_contexts=(8,)), log=lambda _: None)
+    entry = results["presets"]["mamba-tiny"]
+    assert entry["not_measured"] == {}
+    hf = entry["subjects"]["hf"]
+    assert set(hf["prefill"]) == {16, 32} and set(hf["decode"]) == {8} and hf["train"]["tok_s"] > 0
+    # A child that rebuilt other weights refuses to measure.
+    model = HybridLM(ModelConfig.preset("mamba-tiny"))
+    figures, why_not = measure_peer("hf", "mamba-tiny", [0.0], tiny_settings(), 64)
+    assert figures is None and "different weights" in why_not
+    assert len(weights_fingerprint(model)) == len(list(model.parameters()))
+
+
+def test_peer_process_environment_and_crash(monkeypatch):
+    import sys
+
+    import hybridlm
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(hybridlm, "OMP_WAIT_POLICY_DEFAULTED", True)  # our default: peers run without it
+    assert "OMP_WAIT_POLICY" not in peer_environment()
+    monkeypatch.setattr(hybridlm, "OMP_WAIT_POLICY_DEFAULTED", False)  # the user's own setting: kept
+    assert peer_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    figures, why_not = measure_peer("hf", "mamba-tiny", [], tiny_settings(), 64)
+    assert figures is None and "exited with code 1" in why_not
 
 
 def test_state_at_context_decodes_like_a_state_of_that_length():

@@ -3,9 +3,11 @@
 import os
 
 # OpenMP threads that spin while waiting (GNU OpenMP's default) turn a busy CPU pathological: with torch's and
-# numba's parallel regions alternating on 2 shared cores, a mamba-130m decode step measured 1-2 s instead of
-# ~50 ms. Sleeping waiters cost a few microseconds per parallel region instead. Only effective when hybridlm
-# is imported before torch (the CLI is); an explicit OMP_WAIT_POLICY wins.
+# numba's thread pools (two runtimes) alternating on 2 shared cores, a mamba-130m decode step measured 1-2 s
+# instead of ~50 ms. Sleeping waiters cost a wake-up per parallel region instead (tens of microseconds here).
+# Only effective when hybridlm is imported before torch (the CLI is); an explicit OMP_WAIT_POLICY wins.
+# ``hybridlm bench`` runs peers in processes without this default (bench/peer_process.py).
+OMP_WAIT_POLICY_DEFAULTED = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hybridlm.config import ModelConfig  # noqa: E402

@@ -1,9 +1,10 @@
-"""The measurement plan: for each preset, ours and the peers side by side in one process, same threads.
+"""The measurement plan: for each preset, ours and then each peer right after it, same threads.
 
 Prefill tokens/s at lengths 256, 512, ... (doubling), decode ms/token at contexts 512 ... 64K, forward+backward
 tokens/s at 512 tokens, and memory (state bytes, peak RSS) against context. Each figure is the median of up to
 ``repeats`` runs after a warm-up; a point whose predicted time does not fit in what is left of the subject's
-time budget is skipped (and reported as skipped, never as a figure).
+time budget is skipped (and reported as skipped, never as a figure). Ours runs in this process; each peer in a
+child process with the environment its users would give it (``peer_process``), on the same weights.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 
 from hybridlm.bench.machine import Machine, measure_machine, median_time
-from hybridlm.bench.subjects import Ours, build_model, make_peer, state_at_context
+from hybridlm.bench.peer_process import measure_peer, weights_fingerprint
+from hybridlm.bench.subjects import Ours, build_model, state_at_context
 from hybridlm.model import HybridLM
 
 DEFAULT_PRESETS = ("llama-130m", "mamba-130m", "mamba2-130m", "jamba-130m")
@@ -210,29 +212,23 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
         results["scan"] = scan_benchmark(machine, settings.repeats)
     max_context = max([*settings.prefill_lengths, *settings.decode_contexts]) + 256
     # Per preset, ours and then each peer right after it: a ratio compares runs minutes apart at most, so a
-    # change in the machine's load between them (a shared machine) moves both sides alike. Our peak RSS is
-    # read before any peer model of that preset is loaded.
+    # change in the machine's load between them (a shared machine) moves both sides alike. This process idles
+    # while a peer's process measures.
     for preset in settings.presets:
         model = build_model(preset)
         entry: dict[str, Any] = {"limits": limits(model, machine, settings), "subjects": {}, "not_measured": {}}
         results["presets"][preset] = entry
         log(f"{preset}: hybridlm ...")
         entry["subjects"]["hybridlm"] = measure_subject(Ours(model), model, settings, is_ours=True)
+        fingerprint = weights_fingerprint(model)
         for peer in settings.peers:
-            try:
-                subject = make_peer(peer, model, settings.threads, max_context)
-            except Exception as e:  # not installed, or cannot run this family: reported, never a pass
-                entry["not_measured"][peer] = f"{type(e).__name__}: {e}"[:300]
-                log(f"{preset}: {peer} not measured ({entry['not_measured'][peer]})")
-                continue
             log(f"{preset}: {peer} ...")
-            set_threads(settings.threads)
-            try:
-                entry["subjects"][peer] = measure_subject(subject, model, settings, is_ours=False)
-            except Exception as e:
-                entry["not_measured"][peer] = f"failed: {type(e).__name__}: {e}"[:300]
-            del subject
-            gc.collect()
+            figures, why_not = measure_peer(peer, preset, fingerprint, settings, max_context)
+            if figures is None:  # not installed, cannot run this family, or failed: reported, never a pass
+                entry["not_measured"][peer] = why_not
+                log(f"{preset}: {peer} not measured ({why_not})")
+            else:
+                entry["subjects"][peer] = figures
         del model
         gc.collect()
     return results

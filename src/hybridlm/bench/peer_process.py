@@ -1,0 +1,98 @@
+"""One peer's measurements in a process of its own, with the OpenMP environment its users would give it.
+
+hybridlm sets ``OMP_WAIT_POLICY=PASSIVE`` for its own process (see ``hybridlm/__init__.py``). A peer run in
+that process inherits it, and llama.cpp decodes far slower with sleeping waiters: mamba-130m at 512 tokens of
+context measured 44.7 ms/token under PASSIVE against 24.5 ms in a plain process, on this 2-core machine.
+So each peer runs here, started by path (``python .../peer_process.py``, not ``-m``): the peer's libraries load
+and read the environment, minus hybridlm's default, before hybridlm is imported. The parent sends a JSON job on
+stdin; the result goes to the job's ``out`` file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# The libraries each peer loads, imported before hybridlm in the child (their OpenMP runtimes read the
+# environment when they load).
+_PRELOAD = {"hf": ("torch", "transformers"), "mambapy": ("torch",), "llamacpp": ("llama_cpp", "torch")}
+
+
+def weights_fingerprint(model: Any) -> list[float]:
+    """Per-parameter sums in float64: the child checks that it rebuilt the very same random weights."""
+    return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+def peer_environment() -> dict[str, str]:
+    """This process's environment without hybridlm's own OMP_WAIT_POLICY default (a user's setting stays)."""
+    import os
+
+    import hybridlm
+
+    env = dict(os.environ)
+    if hybridlm.OMP_WAIT_POLICY_DEFAULTED:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
+def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Any, max_context: int
+                 ) -> tuple[dict[str, Any] | None, str | None]:
+    """(the peer's figures, None) or (None, why it was not measured), from a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        job = {"peer": peer, "preset": preset, "fingerprint": fingerprint, "max_context": max_context,
+               "settings": {k: v for k, v in settings.__dict__.items() if k != "extra"}, "out": str(out)}
+        timeout = 2 * settings.budget_s + 300  # the budget, plus loading, exporting and a slow last point
+        try:
+            proc = subprocess.run([sys.executable, __file__], input=json.dumps(job), text=True, capture_output=True,
+                                  env=peer_environment(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"failed: the peer process ran past {timeout:.0f} s"
+        if not out.exists():
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            return None, f"failed: peer process exited with code {proc.returncode}: {' | '.join(tail)}"[:300]
+        reply = json.loads(out.read_text())
+    if "not_measured" in reply:
+        return None, reply["not_measured"]
+    result = reply["result"]
+    for kind in ("prefill", "decode"):  # JSON made the lengths strings
+        result[kind] = {int(k): v for k, v in result[kind].items()}
+    return result, None
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    import contextlib
+    import importlib
+
+    for module in _PRELOAD.get(job["peer"], ()):
+        with contextlib.suppress(ImportError):  # make_peer raises it again below: reported as not measured
+            importlib.import_module(module)
+
+    from hybridlm.bench.runner import BenchSettings, measure_subject, set_threads
+    from hybridlm.bench.subjects import build_model, make_peer
+
+    settings = BenchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["settings"].items()})
+    set_threads(settings.threads)
+    model = build_model(job["preset"])
+    if weights_fingerprint(model) != job["fingerprint"]:
+        return {"not_measured": "failed: the peer process built different weights than the bench's model"}
+    try:
+        subject = make_peer(job["peer"], model, settings.threads, job["max_context"])
+    except Exception as e:  # not installed, or cannot run this family: reported, never a pass
+        return {"not_measured": f"{type(e).__name__}: {e}"[:300]}
+    set_threads(settings.threads)  # a peer's import may have changed torch's thread count
+    try:
+        return {"result": measure_subject(subject, model, settings, is_ours=False)}
+    except Exception as e:
+        return {"not_measured": f"failed: {type(e).__name__}: {e}"[:300]}
+
+
+if __name__ == "__main__":
+    sys.path.pop(0)  # this file's folder, which running it by path put first
+    request = json.load(sys.stdin)
+    reply = _child(request)
+    Path(request["out"]).write_text(json.dumps(reply))
