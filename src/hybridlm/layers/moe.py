@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import ops
+
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
 
@@ -61,9 +63,9 @@ class MoE(nn.Module):
             chosen = order[start : start + n]
             start += n
             rows = chosen // self.top_k
-            h = tokens[rows]
-            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
-            out.index_add_(0, rows, (h @ self.down_proj[e].T) * weights[chosen, None])
+            # A few tokens (decoding): the matrix-vector kernel reads the expert at memory bandwidth.
+            gate, up = ops.linears(tokens[rows], (self.gate_proj[e], self.up_proj[e]), (None, None))
+            out.index_add_(0, rows, ops.linear(F.silu(gate) * up, self.down_proj[e]) * weights[chosen, None])
         return out.view_as(x), self._balance_loss(probs, experts, mask)
 
     def _balance_loss(self, probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
