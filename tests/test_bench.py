@@ -128,3 +128,12 @@ def test_bench_train_length_zero_skips_the_training_step():
     ours = results["presets"]["mamba2-tiny"]["subjects"]["hybridlm"]
     assert ours["train"] is None and ours["prefill"] and ours["decode"]
     assert "forward+backward" not in format_report(results)
+
+
+def test_bench_records_the_wait_policy_and_warns_when_spinning_would_starve_peers(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    logged = []
+    results = run(tiny_settings(presets=(), peers=("hf",)), log=logged.append)
+    assert results["omp_wait_policy"] == "ACTIVE"
+    assert any("not comparable" in line for line in logged)
+    assert "OMP_WAIT_POLICY ACTIVE" in format_report(results)

@@ -10,6 +10,7 @@ child process with the environment its users would give it (``peer_process``), o
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,7 +208,11 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     log(f"measuring machine limits at {settings.threads} threads ...")
     machine = measure_machine(settings.threads)
     results: dict[str, Any] = {"machine": machine.to_dict(), "settings": {
-        k: v for k, v in settings.__dict__.items() if k != "extra"}, "presets": {}}
+        k: v for k, v in settings.__dict__.items() if k != "extra"}, "presets": {},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    if settings.peers and results["omp_wait_policy"].upper() == "ACTIVE":
+        log("warning: OMP_WAIT_POLICY=ACTIVE: this process's idle OpenMP threads keep spinning while a peer's "
+            "process runs, taking cores from it; the peers' figures are not comparable")
     if settings.scan:
         results["scan"] = scan_benchmark(machine, settings.repeats)
     max_context = max([*settings.prefill_lengths, *settings.decode_contexts]) + 256
