@@ -1,11 +1,9 @@
-"""One peer's measurements in a process of its own, with the OpenMP environment its users would give it.
+"""One peer's measurements in a process of its own, on the same weights.
 
-hybridlm sets ``OMP_WAIT_POLICY=PASSIVE`` for its own process (see ``hybridlm/__init__.py``). A peer run in
-that process inherits it, and llama.cpp decodes far slower with sleeping waiters: mamba-130m at 512 tokens of
-context measured 44.7 ms/token under PASSIVE against 24.5 ms in a plain process, on this 2-core machine.
-So each peer runs here, started by path (``python .../peer_process.py``, not ``-m``): the peer's libraries load
-and read the environment, minus hybridlm's default, before hybridlm is imported. The parent sends a JSON job on
-stdin; the result goes to the job's ``out`` file.
+A peer in the bench's process would share its OpenMP runtimes, thread settings and allocator with ours (and did:
+hybridlm then set ``OMP_WAIT_POLICY=PASSIVE``, which slowed llama.cpp's decode 1.8x). Here it runs in a child
+process that inherits this one's environment. The parent sends a JSON job on stdin; the result goes to the job's
+``out`` file.
 """
 
 from __future__ import annotations
@@ -17,26 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# The libraries each peer loads, imported before hybridlm in the child (their OpenMP runtimes read the
-# environment when they load).
-_PRELOAD = {"hf": ("torch", "transformers"), "mambapy": ("torch",), "llamacpp": ("llama_cpp", "torch")}
-
 
 def weights_fingerprint(model: Any) -> list[float]:
     """Per-parameter sums in float64: the child checks that it rebuilt the very same random weights."""
     return [float(p.detach().double().sum()) for p in model.parameters()]
-
-
-def peer_environment() -> dict[str, str]:
-    """This process's environment without hybridlm's own OMP_WAIT_POLICY default (a user's setting stays)."""
-    import os
-
-    import hybridlm
-
-    env = dict(os.environ)
-    if hybridlm.OMP_WAIT_POLICY_DEFAULTED:
-        env.pop("OMP_WAIT_POLICY", None)
-    return env
 
 
 def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Any, max_context: int
@@ -50,8 +32,8 @@ def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Any
         # spends minutes on one forward+backward. Only a hung peer meets this limit.
         timeout = 3600 + 10 * settings.budget_s
         try:
-            proc = subprocess.run([sys.executable, __file__], input=json.dumps(job), text=True, capture_output=True,
-                                  env=peer_environment(), timeout=timeout)
+            proc = subprocess.run([sys.executable, "-m", "hybridlm.bench.peer_process"], input=json.dumps(job),
+                                  text=True, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None, f"failed: the peer process ran past {timeout:.0f} s"
         if not out.exists():
@@ -67,13 +49,6 @@ def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Any
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    import contextlib
-    import importlib
-
-    for module in _PRELOAD.get(job["peer"], ()):
-        with contextlib.suppress(ImportError):  # make_peer raises it again below: reported as not measured
-            importlib.import_module(module)
-
     from hybridlm.bench.runner import BenchSettings, measure_subject, set_threads
     from hybridlm.bench.subjects import build_model, make_peer
 
@@ -94,7 +69,6 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.path.pop(0)  # this file's folder, which running it by path put first
     request = json.load(sys.stdin)
     reply = _child(request)
     Path(request["out"]).write_text(json.dumps(reply))
