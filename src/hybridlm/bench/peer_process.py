@@ -13,7 +13,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hybridlm.bench.runner import BenchSettings
 
 
 def weights_fingerprint(model: Any) -> list[float]:
@@ -21,13 +24,13 @@ def weights_fingerprint(model: Any) -> list[float]:
     return [float(p.detach().double().sum()) for p in model.parameters()]
 
 
-def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Any, max_context: int
+def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: BenchSettings, max_context: int
                  ) -> tuple[dict[str, Any] | None, str | None]:
     """(the peer's figures, None) or (None, why it was not measured), from a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         job = {"peer": peer, "preset": preset, "fingerprint": fingerprint, "max_context": max_context,
-               "settings": {k: v for k, v in settings.__dict__.items() if k != "extra"}, "out": str(out)}
+               "settings": settings.to_dict(), "out": str(out)}
         # The budget bounds how many points start, not how long one takes: Hugging Face's Mamba fallback
         # spends minutes on one forward+backward. Only a hung peer meets this limit.
         timeout = 3600 + 10 * settings.budget_s
@@ -52,7 +55,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     from hybridlm.bench.runner import BenchSettings, measure_subject, set_threads
     from hybridlm.bench.subjects import build_model, make_peer
 
-    settings = BenchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["settings"].items()})
+    settings = BenchSettings.from_dict(job["settings"])
     set_threads(settings.threads)
     model = build_model(job["preset"])
     if weights_fingerprint(model) != job["fingerprint"]:

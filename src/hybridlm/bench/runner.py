@@ -4,7 +4,7 @@ Prefill tokens/s at lengths 256, 512, ... (doubling), decode ms/token at context
 tokens/s at 512 tokens, and memory (state bytes, peak RSS) against context. Each figure is the median of up to
 ``repeats`` runs after a warm-up; a point whose predicted time does not fit in what is left of the subject's
 time budget is skipped (and reported as skipped, never as a figure). Ours runs in this process; each peer in a
-child process with the environment its users would give it (``peer_process``), on the same weights.
+child process of its own with the same environment (``peer_process``), on the same weights.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ class BenchSettings:
     budget_s: float = 120.0  # per subject and preset
     scan: bool = True  # the isolated selective scan against its exp bound
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (without ``extra``); ``from_dict`` reads them back."""
+        return {k: v for k, v in self.__dict__.items() if k != "extra"}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BenchSettings:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def set_threads(threads: int) -> None:
@@ -207,9 +215,8 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     set_threads(settings.threads)
     log(f"measuring machine limits at {settings.threads} threads ...")
     machine = measure_machine(settings.threads)
-    results: dict[str, Any] = {"machine": machine.to_dict(), "settings": {
-        k: v for k, v in settings.__dict__.items() if k != "extra"}, "presets": {},
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    results: dict[str, Any] = {"machine": machine.to_dict(), "settings": settings.to_dict(), "presets": {},
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
     if settings.peers and results["omp_wait_policy"].upper() == "ACTIVE":
         log("warning: OMP_WAIT_POLICY=ACTIVE: this process's idle OpenMP threads keep spinning while a peer's "
             "process runs, taking cores from it; the peers' figures are not comparable")
