@@ -178,6 +178,28 @@ def test_gemv_linears_equal_f_linear_for_each_matrix():
     torch.testing.assert_close(out[1], x @ strided.T)
 
 
+def test_gemv_gated_mlp_equals_the_swiglu_formula():
+    from hybridlm.ops.gemv import fast_gemv_applies, gated_mlp
+
+    assert ops.dispatch.kernel("gated_mlp", torch.device("cpu")) is gated_mlp
+    w_gate, w_up, w_down = torch.randn(37, 29), torch.randn(37, 29), torch.randn(11, 37)
+
+    def swiglu(x):
+        gate = x @ w_gate.T
+        return (gate * torch.sigmoid(gate) * (x @ w_up.T)) @ w_down.T
+
+    for rows in [(1, 29), (3, 1, 29), (9, 29)]:  # decode rows (fused kernel) and a prefill (F.linear)
+        x = torch.randn(*rows) * 2
+        with torch.no_grad():
+            assert fast_gemv_applies(x, w_gate) == (x.numel() <= 4 * 29)
+            torch.testing.assert_close(gated_mlp(x, w_gate, w_up, w_down), swiglu(x), atol=1e-4, rtol=1e-5)
+    x = torch.randn(1, 29, requires_grad=True)  # autograd: the torch form, so gradients flow
+    gated_mlp(x, w_gate, w_up, w_down).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    swiglu(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("config", [
     dict(d_model=48, n_layers=1, layers="M", ffn="none", d_state=5, d_conv=3),
     dict(d_model=32, n_layers=1, layers="M", ffn="none", mamba_inner_norms=True, proj_bias=True),
@@ -383,6 +405,42 @@ def test_numba_ssd_falls_back_to_chunked_for_autograd_and_bf16():
 
 
 # ------------------------------------------------------------------------------------ decode attention
+@pytest.mark.parametrize("config", [
+    dict(n_heads=4, n_kv_heads=2),                    # rotary, grouped-query
+    dict(n_heads=2, attn_bias=True, rope_theta=None),  # biases, no positions (Jamba's attention)
+])
+def test_fused_attention_step_equals_torch_step(config, monkeypatch):
+    from hybridlm.ops.attention_step import attention_step_torch
+    from hybridlm.ops.attention_step_numba import attention_step_numba
+
+    assert dispatch.kernel("attention_step", torch.device("cpu")) is attention_step_numba
+    model = HybridLM(ModelConfig(d_model=32, n_layers=1, layers="A", ffn="none", **config)).eval()
+    mixer = model.layers[0].mixer
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        # A left-padded prefill: rows at different RoPE positions, padding keys in the cache; capacity 7 makes
+        # the steps grow the cache.
+        prompt = torch.randn(3, 5, 32)
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+        states = [mixer.init_state(3, max_len=7) for _ in range(2)]
+        for s in states:
+            mixer(prompt, s, mask)
+        for _ in range(4):
+            x = torch.randn(3, 32)
+            with monkeypatch.context() as m:  # the oracle: torch throughout (F.linear, SDPA)
+                m.setenv(dispatch.ENV_VAR, "torch")
+                y_ref = attention_step_torch(x, mixer, states[0])
+            y = attention_step_numba(x, mixer, states[1])
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+            ref, fused = states
+            assert fused.length == ref.length and torch.equal(fused.n_real, ref.n_real)
+            torch.testing.assert_close(fused.k[:, :, : ref.length], ref.k[:, :, : ref.length], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(fused.v[:, :, : ref.length], ref.v[:, :, : ref.length], atol=1e-6, rtol=1e-5)
+            assert torch.equal(fused.key_valid[:, : ref.length], ref.key_valid[:, : ref.length])
+        assert fused.k.shape[2] > 7  # grown in place of the cat per token
+
+
 @pytest.mark.parametrize("b, h, h_kv, d, length, capacity, padded", [
     (1, 4, 4, 16, 1, 8, False),     # the first token: one key
     (2, 8, 2, 16, 37, 50, True),    # GQA, left padding marked invalid

@@ -30,11 +30,15 @@ class KVCache:
         held = self.k.nbytes + self.v.nbytes
         return held + (0 if self.key_valid is None else self.key_valid.nbytes)
 
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more positions (doubling the capacity when short, so growth is amortised)."""
+        if self.length + n > self.k.shape[2]:
+            self._grow(max(self.length + n, 2 * self.k.shape[2]))
+
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
         # k, v: (b, h_kv, l, d)   valid: (b, l) bool or None (all real)
+        self.reserve(k.shape[2])
         new_length = self.length + k.shape[2]
-        if new_length > self.k.shape[2]:
-            self._grow(max(new_length, 2 * self.k.shape[2]))
         if valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool, device=k.device)
         self.k[:, :, self.length:new_length] = k
@@ -127,6 +131,8 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool, False at (left-)padding -> (b, l, d_model)
         b, length, _ = x.shape
+        if state is not None and length == 1 and mask is None:  # a decode step: one query over the cache
+            return ops.attention_step(x[:, 0], self, state)[:, None]
         projs = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
         q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -142,9 +148,6 @@ class Attention(nn.Module):
         if state is not None:
             state.append(k, v, mask)
             state.n_real += length if mask is None else mask.sum(1)
-            if length == 1 and mask is None:  # a decode step: one query over the cache
-                y = ops.decode_attention(q, state.k, state.v, state.length, state.key_valid)
-                return self.o_proj(y.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
             k, v = state.k[:, :, : state.length], state.v[:, :, : state.length]
             key_valid = None if state.key_valid is None else state.key_valid[:, : state.length]
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
@@ -24,5 +23,4 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), no auxiliary loss
-        gate, up = ops.linears(x, (self.gate_proj.weight, self.up_proj.weight), (None, None))
-        return self.down_proj(F.silu(gate) * up), None
+        return ops.gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None

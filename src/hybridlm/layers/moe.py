@@ -64,8 +64,8 @@ class MoE(nn.Module):
             start += n
             rows = chosen // self.top_k
             # A few tokens (decoding): the matrix-vector kernel reads the expert at memory bandwidth.
-            gate, up = ops.linears(tokens[rows], (self.gate_proj[e], self.up_proj[e]), (None, None))
-            out.index_add_(0, rows, ops.linear(F.silu(gate) * up, self.down_proj[e]) * weights[chosen, None])
+            y = ops.gated_mlp(tokens[rows], self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+            out.index_add_(0, rows, y * weights[chosen, None])
         return out.view_as(x), self._balance_loss(probs, experts, mask)
 
     def _balance_loss(self, probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,10 @@ Public ops (shapes in each backend's docstring):
     mamba2_step      Mamba-2 decode step    backends: numba (CPU, float32, fused), torch
     linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
     linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
+    gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows), torch
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
+    attention_step   attention decode step (q/k/v, rotary, cache write, attention, o_proj)
+                                                                       backends: numba (CPU, float32, fused), torch
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention import decode_attention_torch
+from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.selective_scan_cuda import mamba_ssm_available, selective_scan_mamba_ssm
@@ -37,13 +41,18 @@ dispatch.register("mamba_step", "torch", mamba_step_torch)
 dispatch.register("mamba2_step", "torch", mamba2_step_torch)
 dispatch.register("linear", "torch", torch.nn.functional.linear)
 dispatch.register("decode_attention", "torch", decode_attention_torch)
+dispatch.register("attention_step", "torch", attention_step_torch)
 dispatch.register("linears", "torch", lambda x, weights, biases: tuple(
     torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)))
+dispatch.register("gated_mlp", "torch", lambda x, w_gate, w_up, w_down: torch.nn.functional.linear(
+    torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up), w_down))
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
     from hybridlm.ops.attention_numba import decode_attention_numba
+    from hybridlm.ops.attention_step_numba import attention_step_numba
     from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
+    from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.gemv import linears as linears_gemv
     from hybridlm.ops.mamba_step_numba import mamba2_step_numba, mamba_step_numba
@@ -61,7 +70,9 @@ else:
     dispatch.register("mamba2_step", "numba", mamba2_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("linear", "gemv", linear_gemv, runs_on=_on_cpu, first=True)
     dispatch.register("linears", "gemv", linears_gemv, runs_on=_on_cpu, first=True)
+    dispatch.register("gated_mlp", "gemv", gated_mlp_gemv, runs_on=_on_cpu, first=True)
     dispatch.register("decode_attention", "numba", decode_attention_numba, runs_on=_on_cpu, first=True)
+    dispatch.register("attention_step", "numba", attention_step_numba, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -111,11 +122,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return dispatch.kernel("decode_attention", q.device, backend)(q, k_cache, v_cache, length, key_valid)
 
 
+def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              backend: str | None = None) -> torch.Tensor:
+    """The SwiGLU feed-forward ``F.linear(silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)``; on CPU one
+    fused pair of matrix-vector passes when x has only a few rows (decode)."""
+    return dispatch.kernel("gated_mlp", x.device, backend)(x, w_gate, w_up, w_down)
+
+
+def attention_step(x: torch.Tensor, mixer, state, backend: str | None = None) -> torch.Tensor:
+    """One attention decode step, (b, d_model) -> (b, d_model), appending to the KV cache ``state`` in place."""
+    return dispatch.kernel("attention_step", x.device, backend)(x, mixer, state)
+
+
 def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...],
             backend: str | None = None) -> tuple[torch.Tensor, ...]:
     """``F.linear(x, w, b)`` for each pair, in one pass over the weights when decoding on CPU."""
     return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "linear", "linears", "mamba2_step",
-           "mamba_step", "selective_scan", "ssd"]
+__all__ = ["attention_step", "causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "gated_mlp",
+           "linear", "linears", "mamba2_step", "mamba_step", "selective_scan", "ssd"]

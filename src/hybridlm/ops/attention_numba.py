@@ -17,41 +17,48 @@ from hybridlm.ops.attention import decode_attention_torch
 from hybridlm.ops.fast_math import vexp
 
 
+@njit(cache=True, inline="always")
+def attend_head(q, k, v, length, key_valid, masked, out, task):  # pragma: no cover - compiled
+    # q, out: (b, h, d)  k, v: (b, h_kv, capacity, d)  key_valid: (b, capacity) bool, read when masked
+    # -> out[b, h] for task = b * h + h: softmax(q k^T / sqrt(d)) v over the first ``length`` keys. A helper
+    # for prange loops over (batch, head) (see gemv_row on why it is not a parallel function of its own).
+    n_heads, d = q.shape[1], q.shape[2]
+    b, h = task // n_heads, task % n_heads
+    g = h // (n_heads // k.shape[1])
+    scale = np.float32(1.0 / math.sqrt(d))
+    qh = q[b, h]
+    weights = np.empty(length, dtype=np.float32)
+    top = np.float32(-np.inf)
+    for j in range(length):
+        key = k[b, g, j]
+        s = np.float32(0.0)
+        for t in range(d):
+            s += qh[t] * key[t]
+        s *= scale
+        if masked and not key_valid[b, j]:
+            s = np.float32(-np.inf)
+        weights[j] = s
+        top = max(top, s)
+    total = np.float32(0.0)
+    for j in range(length):  # masked keys weigh exactly 0 (vexp clamps -inf to exp(-87), not 0)
+        e = vexp(weights[j] - top) if weights[j] > -np.inf else np.float32(0.0)
+        weights[j] = e
+        total += e
+    acc = np.zeros(d, dtype=np.float32)
+    for j in range(length):
+        w, value = weights[j], v[b, g, j]
+        for t in range(d):
+            acc[t] += w * value[t]
+    dst = out[b, h]
+    for t in range(d):
+        dst[t] = acc[t] / total
+
+
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
 def _decode_attention(q, k, v, length, key_valid, masked, out):  # pragma: no cover - compiled
     # q, out: (b, h, d)  k, v: (b, h_kv, capacity, d)  key_valid: (b, capacity) bool, read when masked
-    batch, n_heads, d = q.shape
-    groups = n_heads // k.shape[1]
-    scale = np.float32(1.0 / math.sqrt(d))
-    for task in prange(batch * n_heads):
-        b, h = task // n_heads, task % n_heads
-        g = h // groups
-        qh = q[b, h]
-        weights = np.empty(length, dtype=np.float32)
-        top = np.float32(-np.inf)
-        for j in range(length):
-            key = k[b, g, j]
-            s = np.float32(0.0)
-            for t in range(d):
-                s += qh[t] * key[t]
-            s *= scale
-            if masked and not key_valid[b, j]:
-                s = np.float32(-np.inf)
-            weights[j] = s
-            top = max(top, s)
-        total = np.float32(0.0)
-        for j in range(length):  # masked keys weigh exactly 0 (vexp clamps -inf to exp(-87), not 0)
-            e = vexp(weights[j] - top) if weights[j] > -np.inf else np.float32(0.0)
-            weights[j] = e
-            total += e
-        acc = np.zeros(d, dtype=np.float32)
-        for j in range(length):
-            w, value = weights[j], v[b, g, j]
-            for t in range(d):
-                acc[t] += w * value[t]
-        dst = out[b, h]
-        for t in range(d):
-            dst[t] = acc[t] / total
+    for task in prange(q.shape[0] * q.shape[1]):
+        attend_head(q, k, v, length, key_valid, masked, out, task)
 
 
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)
