@@ -1,5 +1,6 @@
 """Every fast kernel against its reference: forward, all gradients, odd shapes, fp32/bf16/fp64 gradcheck."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -465,3 +466,41 @@ def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, pad
     half = [t.to(torch.bfloat16) for t in (q, k, v)]  # outside its domain: SDPA itself
     expected = decode_attention_torch(*half, length, valid)
     torch.testing.assert_close(decode_attention_numba(*half, length, valid), expected)
+
+
+# ------------------------------------------------------------------------------------ numpy views
+def test_numpy_views_follow_in_place_changes_and_are_remade_when_a_weight_is_replaced():
+    from hybridlm.ops.numpy_views import numpy_views
+
+    model = HybridLM(ModelConfig.preset("llama-tiny")).eval()
+    mixer = model.layers[0].mixer
+    views = numpy_views(mixer)
+    assert set(views) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "rotary.inv_freq"}
+    assert numpy_views(mixer) is views  # cached
+    with torch.no_grad():
+        mixer.q_proj.weight.mul_(2)  # in place: same storage, the views see it
+    assert numpy_views(mixer) is views
+    np.testing.assert_array_equal(views["q_proj.weight"], mixer.q_proj.weight.detach().numpy())
+    mixer.k_proj.weight.data = torch.randn_like(mixer.k_proj.weight)  # replaced storage: remade
+    fresh = numpy_views(mixer)
+    assert fresh is not views
+    np.testing.assert_array_equal(fresh["k_proj.weight"], mixer.k_proj.weight.detach().numpy())
+    model.double()  # outside the kernels' domain
+    assert numpy_views(mixer) is None
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "mamba-tiny", "mamba2-tiny"])
+def test_decode_after_load_state_dict_assign_uses_the_new_weights(preset):
+    # The fused steps keep views of the weights; swapping in other weights must reach the next decode step.
+    model = HybridLM(ModelConfig.preset(preset)).eval()
+    other = HybridLM(ModelConfig.preset(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        state = model.init_state(1, max_len=8)
+        model(ids[:, :5], state=state)
+        model(ids[:, 5:], state=state)  # a fused step: views of model's own weights made
+        model.load_state_dict(other.state_dict(), assign=True)
+        state = model.init_state(1, max_len=8)
+        model(ids[:, :5], state=state)
+        fused = model(ids[:, 5:], state=state).logits
+        torch.testing.assert_close(fused, other(ids).logits[:, 5:], atol=1e-5, rtol=1e-4)

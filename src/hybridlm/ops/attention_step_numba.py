@@ -17,6 +17,7 @@ from numba import njit, prange
 from hybridlm.ops.attention_numba import attend_head
 from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.gemv import gemv_row
+from hybridlm.ops.numpy_views import numpy_views
 
 if TYPE_CHECKING:
     from hybridlm.layers.attention import Attention, KVCache
@@ -72,23 +73,22 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 def attention_step_numba(x: torch.Tensor, mixer: Attention, state: KVCache) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.o_proj)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or state.k.dtype != torch.float32
-            or any(p.weight.dtype != torch.float32 for p in projs)
-            or (torch.is_grad_enabled() and any(p.weight.requires_grad for p in projs))):
+    w = numpy_views(mixer)
+    if (w is None or x.device.type != "cpu" or x.dtype != torch.float32 or state.k.dtype != torch.float32
+            or (torch.is_grad_enabled() and mixer.q_proj.weight.requires_grad)):
         return attention_step_torch(x, mixer, state)
     state.reserve(1)
     if state.key_valid is not None:
         state.key_valid[:, state.length] = True
-    out = torch.empty(x.shape[0], mixer.o_proj.weight.shape[0], dtype=torch.float32)
-    biases = tuple(_EMPTY if p.bias is None else p.bias.detach().numpy() for p in projs)
-    rotary = mixer.rotary
+    out = torch.empty(x.shape[0], w["o_proj.weight"].shape[0], dtype=torch.float32)
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+    biases = tuple(w.get(f"{p}.bias", _EMPTY) for p in projs)
     _attention_step(
-        x.detach().contiguous().numpy(), tuple(p.weight.detach().numpy() for p in projs[:3]), biases[:3],
-        np.array([p.bias is not None for p in projs]), _EMPTY if rotary is None else rotary.inv_freq.float().numpy(),
-        rotary is not None, state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
+        x.detach().contiguous().numpy(), (w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]), biases[:3],
+        np.array([f"{p}.bias" in w for p in projs]), w.get("rotary.inv_freq", _EMPTY), "rotary.inv_freq" in w,
+        state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
         _NO_MASK if state.key_valid is None else state.key_valid.numpy(), state.key_valid is not None,
-        projs[3].weight.detach().numpy(), biases[3], out.numpy())
+        w["o_proj.weight"], biases[3], out.numpy())
     state.length += 1
     state.n_real += 1
     return out

@@ -18,6 +18,7 @@ from numba import njit, prange
 
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
+from hybridlm.ops.numpy_views import numpy_views
 
 if TYPE_CHECKING:
     from hybridlm.layers.mamba import Mamba, MambaState
@@ -101,30 +102,27 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
 _EMPTY = np.zeros(1, dtype=np.float32)
 
 
-def _arr(t: torch.Tensor | None) -> np.ndarray:
-    return _EMPTY if t is None else t.detach().numpy()
+def _fused_step_applies(x: torch.Tensor, mixer: Mamba | Mamba2, state: MambaState | Mamba2State) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and state.conv.dtype == torch.float32
+            and state.conv.is_contiguous() and state.ssm.is_contiguous()
+            and not (torch.is_grad_enabled() and mixer.in_proj.weight.requires_grad))
 
 
 def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    w = mixer.in_proj.weight
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or state.conv.dtype != torch.float32 or (torch.is_grad_enabled() and w.requires_grad)
-            or not state.conv.is_contiguous() or not state.ssm.is_contiguous()):
+    w = numpy_views(mixer)
+    if w is None or not _fused_step_applies(x, mixer, state):
         return mamba_step_torch(x, mixer, state)
-    norms = mixer.inner_norms
-    out = torch.empty(x.shape[0], mixer.out_proj.weight.shape[0], dtype=torch.float32)
-    flags = np.array([mixer.in_proj.bias is not None, mixer.conv1d.bias is not None,
-                      mixer.out_proj.bias is not None, norms], dtype=np.bool_)
+    norms = "dt_layernorm.weight" in w
+    out = torch.empty(x.shape[0], w["out_proj.weight"].shape[0], dtype=torch.float32)
+    flags = np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_)
     _mamba_step(
-        x.detach().contiguous().numpy(), w.detach().numpy(), _arr(mixer.in_proj.bias),
-        mixer.conv1d.weight.detach()[:, 0].numpy(), _arr(mixer.conv1d.bias), state.conv.numpy(),
-        mixer.x_proj.weight.detach().numpy(), mixer.dt_proj.weight.detach().numpy(),
-        mixer.dt_proj.bias.detach().numpy(), mixer.A_log.detach().numpy(), mixer.D.detach().numpy(),
-        state.ssm.numpy(), mixer.out_proj.weight.detach().numpy(), _arr(mixer.out_proj.bias),
-        _arr(mixer.dt_layernorm.weight if norms else None), _arr(mixer.b_layernorm.weight if norms else None),
-        _arr(mixer.c_layernorm.weight if norms else None),
-        np.float32(mixer.dt_layernorm.eps if norms else 0.0), flags, out.numpy())
+        x.detach().contiguous().numpy(), w["in_proj.weight"], w.get("in_proj.bias", _EMPTY),
+        w["conv1d.weight"][:, 0], w.get("conv1d.bias", _EMPTY), state.conv.numpy(), w["x_proj.weight"],
+        w["dt_proj.weight"], w["dt_proj.bias"], w["A_log"], w["D"], state.ssm.numpy(), w["out_proj.weight"],
+        w.get("out_proj.bias", _EMPTY), w.get("dt_layernorm.weight", _EMPTY), w.get("b_layernorm.weight", _EMPTY),
+        w.get("c_layernorm.weight", _EMPTY), np.float32(mixer.dt_layernorm.eps if norms else 0.0), flags,
+        out.numpy())
     return out
 
 
@@ -195,18 +193,14 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
 
 def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    w = mixer.in_proj.weight
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or state.conv.dtype != torch.float32 or (torch.is_grad_enabled() and w.requires_grad)
-            or not state.conv.is_contiguous() or not state.ssm.is_contiguous()):
+    w = numpy_views(mixer)
+    if w is None or not _fused_step_applies(x, mixer, state):
         return mamba2_step_torch(x, mixer, state)
-    out = torch.empty(x.shape[0], mixer.out_proj.weight.shape[0], dtype=torch.float32)
-    flags = np.array([mixer.in_proj.bias is not None, mixer.conv1d.bias is not None,
-                      mixer.out_proj.bias is not None], dtype=np.bool_)
+    out = torch.empty(x.shape[0], w["out_proj.weight"].shape[0], dtype=torch.float32)
+    flags = np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w], dtype=np.bool_)
     _mamba2_step(
-        x.detach().contiguous().numpy(), w.detach().numpy(), _arr(mixer.in_proj.bias),
-        mixer.conv1d.weight.detach()[:, 0].numpy(), _arr(mixer.conv1d.bias), state.conv.numpy(),
-        mixer.dt_bias.detach().numpy(), mixer.A_log.detach().numpy(), mixer.D.detach().numpy(), state.ssm.numpy(),
-        mixer.norm.weight.detach().numpy(), np.float32(mixer.norm.eps), mixer.out_proj.weight.detach().numpy(),
-        _arr(mixer.out_proj.bias), flags, out.numpy())
+        x.detach().contiguous().numpy(), w["in_proj.weight"], w.get("in_proj.bias", _EMPTY), w["conv1d.weight"][:, 0],
+        w.get("conv1d.bias", _EMPTY), state.conv.numpy(), w["dt_bias"], w["A_log"], w["D"], state.ssm.numpy(),
+        w["norm.weight"], np.float32(mixer.norm.eps), w["out_proj.weight"], w.get("out_proj.bias", _EMPTY), flags,
+        out.numpy())
     return out
