@@ -130,3 +130,32 @@ def test_bench_records_the_wait_policy_and_warns_when_spinning_would_starve_peer
     assert results["omp_wait_policy"] == "ACTIVE"
     assert any("not comparable" in line for line in logged)
     assert "OMP_WAIT_POLICY ACTIVE" in format_report(results)
+
+
+def test_rounds_alternate_subjects_and_report_the_median_per_point():
+    from hybridlm.bench.runner import median_of_rounds
+
+    def figures(prefill_s, ms, rss, skipped=()):
+        return {"prefill": {16: {"tok_s": 16 / prefill_s, "seconds": prefill_s, "peak_rss": rss}},
+                "decode": {8: {"ms_token": ms, "peak_rss": rss}}, "train": {"length": 16, "tok_s": 100 / prefill_s},
+                "skipped": list(skipped)}
+
+    merged = median_of_rounds([figures(1.0, 30.0, 5, ["decode 64"]), figures(3.0, 10.0, 7),
+                               figures(2.0, 20.0, 6, ["decode 64: MemoryError"])])
+    assert merged["rounds"] == 3
+    assert merged["prefill"][16] == {"tok_s": 8.0, "seconds": 2.0, "peak_rss": 7}  # medians; the largest RSS
+    assert merged["decode"][8]["ms_token"] == 20.0 and merged["train"] == {"length": 16, "tok_s": 50.0}
+    assert merged["skipped"] == ["decode 64", "decode 64: MemoryError"]  # never measured: still reported
+    measured_once = median_of_rounds([figures(1.0, 30.0, 5, ["decode 64"]),
+                                      {**figures(1.0, 30.0, 5), "decode": {64: {"ms_token": 9.0, "peak_rss": 1}}}])
+    assert measured_once["decode"][64]["ms_token"] == 9.0 and measured_once["skipped"] == []
+
+    logged = []
+    results = run(tiny_settings(presets=("mamba-tiny",), rounds=2, decode_contexts=(8,), train_length=0),
+                  log=logged.append)
+    assert [line for line in logged if "hybridlm" in line] == ["mamba-tiny: hybridlm ... (round 1/2)",
+                                                               "mamba-tiny: hybridlm ... (round 2/2)"]
+    assert results["presets"]["mamba-tiny"]["subjects"]["hybridlm"]["rounds"] == 2
+    assert "median over 2 rounds" in format_report(results)
+    with pytest.raises(SystemExit, match="--rounds"):
+        main(["bench", "--presets", "mamba-tiny", "--rounds", "0"])

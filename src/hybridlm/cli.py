@@ -207,14 +207,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for p in peers:
         if p not in PEERS:
             raise ValueError(f"--peer: unknown {p!r}; expected one of {PEERS}")
-    if args.threads <= 0 or args.repeats <= 0 or args.budget <= 0:
-        raise ValueError("--threads, --repeats and --budget: expected positive numbers")
+    if args.threads <= 0 or args.repeats <= 0 or args.budget <= 0 or args.rounds <= 0:
+        raise ValueError(f"--threads, --repeats, --budget and --rounds: expected positive numbers, got "
+                         f"{args.threads}, {args.repeats}, {args.budget}, {args.rounds}")
     if args.train_length < 0:
         raise ValueError(f"--train-length: expected a token count >= 0 (0 skips training), got {args.train_length}")
     settings = BenchSettings(presets=presets, peers=peers, threads=args.threads,
                              prefill_lengths=_int_list(args.prefill, "--prefill"),
                              decode_contexts=_int_list(args.decode, "--decode"), train_length=args.train_length,
-                             repeats=args.repeats, budget_s=args.budget, scan=not args.no_scan)
+                             repeats=args.repeats, budget_s=args.budget, scan=not args.no_scan,
+                             rounds=args.rounds)
     results = run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(results))
     if args.json:
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of the forward+backward step (0: skip it)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median; after a warm-up)")
     p.add_argument("--budget", type=float, default=120, help="seconds per preset and subject (default 120)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure ours and the peers in turn this many times per preset; each figure the median "
+                        "over rounds (a shared machine's drift then hits both sides of a ratio)")
     p.add_argument("--no-scan", action="store_true", help="skip the isolated selective-scan measurement")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plots", help="write PNG plots to this directory (needs matplotlib)")

@@ -29,6 +29,9 @@ def format_report(results: dict[str, Any]) -> str:
     out = [f"machine: {m['cpu']}; {m['threads']} threads; streaming read {m['read_gbps']:.1f} GB/s; "
            f"fp32 matmul {m['gemm_gflops']:.0f} GFLOP/s; vectorised exp {m['exp_gps']:.2f} G/s; "
            f"OMP_WAIT_POLICY {results.get('omp_wait_policy', 'unset')}"]
+    rounds = results.get("settings", {}).get("rounds", 1)
+    if rounds > 1:
+        out.append(f"each figure: the median over {rounds} rounds of ours and the peers measured in turn")
     if "scan" in results:
         s = results["scan"]
         out.append(f"selective scan {tuple(s['shape'])} forward: {s['ms']:.1f} ms; exp bound "

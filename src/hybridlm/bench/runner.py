@@ -4,13 +4,17 @@ Prefill tokens/s at lengths 256, 512, ... (doubling), decode ms/token at context
 tokens/s at 512 tokens, and memory (state bytes, peak RSS) against context. Each figure is the median of up to
 ``repeats`` runs after a warm-up; a point whose predicted time does not fit in what is left of the subject's
 time budget is skipped (and reported as skipped, never as a figure). Ours runs in this process; each peer in a
-child process of its own with the same environment (``peer_process``), on the same weights.
+child process of its own with the same environment (``peer_process``), on the same weights. With ``rounds`` > 1
+the sequence ours, peer, peer ... runs that many times per preset and each figure is the median over the rounds:
+on a shared machine whose speed drifts by up to 1.5x over minutes, alternating the subjects keeps one slow
+moment from landing on one side of a ratio only.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,7 @@ class BenchSettings:
     repeats: int = 3
     budget_s: float = 120.0  # per subject and preset
     scan: bool = True  # the isolated selective scan against its exp bound
+    rounds: int = 1  # times ours and the peers are measured in turn, per preset (figures: median over rounds)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +175,31 @@ def measure_subject(subject: Any, model: HybridLM, settings: BenchSettings, is_o
     return out
 
 
+def median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One subject's figures from several rounds of ``measure_subject``: each number the median over the rounds
+    that measured it (peak RSS: the largest); a point is skipped only when every round skipped it."""
+    def merge(entries: list[dict[str, Any]]) -> dict[str, Any]:
+        merged = {}
+        for key in entries[0]:
+            values = [e[key] for e in entries if e.get(key) is not None]
+            if not values:
+                merged[key] = None
+            else:
+                merged[key] = max(values) if key == "peak_rss" else statistics.median(values)
+        return merged
+
+    out: dict[str, Any] = {"rounds": len(rounds)}
+    for kind in ("prefill", "decode"):
+        points = sorted({point for r in rounds for point in r[kind]})
+        out[kind] = {point: merge([r[kind][point] for r in rounds if point in r[kind]]) for point in points}
+    trains = [r["train"] for r in rounds if r["train"]]
+    out["train"] = {**merge(trains), "length": trains[0]["length"]} if trains else None
+    measured = {f"{kind} {point}" for kind in ("prefill", "decode") for point in out[kind]}
+    skipped = dict.fromkeys(s for r in rounds for s in r["skipped"])  # e.g. "decode 8192: MemoryError ..."
+    out["skipped"] = [s for s in skipped if s.split(":")[0] not in measured]
+    return out
+
+
 def limits(model: HybridLM, machine: Machine, settings: BenchSettings) -> dict[str, Any]:
     """The physical bounds beside each measurement: prefill tok/s ceiling, decode ms/token floor, state bytes."""
     res: dict[str, Any] = {"prefill": {}, "decode": {}}
@@ -223,24 +253,32 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     if settings.scan:
         results["scan"] = scan_benchmark(machine, settings.repeats)
     max_context = max([*settings.prefill_lengths, *settings.decode_contexts]) + 256
-    # Per preset, ours and then each peer right after it: a ratio compares runs minutes apart at most, so a
-    # change in the machine's load between them (a shared machine) moves both sides alike. This process idles
-    # while a peer's process measures.
+    # Per preset, ours and then each peer right after it (in turn, ``rounds`` times): a ratio compares runs
+    # minutes apart at most, so a change in the machine's load between them (a shared machine) moves both sides
+    # alike. This process idles while a peer's process measures.
     for preset in settings.presets:
         model = build_model(preset)
         entry: dict[str, Any] = {"limits": limits(model, machine, settings), "subjects": {}, "not_measured": {}}
         results["presets"][preset] = entry
-        log(f"{preset}: hybridlm ...")
-        entry["subjects"]["hybridlm"] = measure_subject(Ours(model), model, settings, is_ours=True)
         fingerprint = weights_fingerprint(model)
-        for peer in settings.peers:
-            log(f"{preset}: {peer} ...")
-            figures, why_not = measure_peer(peer, preset, fingerprint, settings, max_context)
-            if figures is None:  # not installed, cannot run this family, or failed: reported, never a pass
-                entry["not_measured"][peer] = why_not
-                log(f"{preset}: {peer} not measured ({why_not})")
-            else:
-                entry["subjects"][peer] = figures
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for r in range(settings.rounds):
+            suffix = f" (round {r + 1}/{settings.rounds})" if settings.rounds > 1 else ""
+            log(f"{preset}: hybridlm ...{suffix}")
+            rounds.setdefault("hybridlm", []).append(measure_subject(Ours(model), model, settings, is_ours=True))
+            for peer in settings.peers:
+                if peer in entry["not_measured"]:
+                    continue
+                log(f"{preset}: {peer} ...{suffix}")
+                figures, why_not = measure_peer(peer, preset, fingerprint, settings, max_context)
+                if figures is None:  # not installed, cannot run this family, or failed: reported, never a pass
+                    entry["not_measured"][peer] = why_not
+                    rounds.pop(peer, None)
+                    log(f"{preset}: {peer} not measured ({why_not})")
+                else:
+                    rounds.setdefault(peer, []).append(figures)
+        for name, measured in rounds.items():
+            entry["subjects"][name] = measured[0] if len(measured) == 1 else median_of_rounds(measured)
         del model
         gc.collect()
     return results
