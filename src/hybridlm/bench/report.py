@@ -96,8 +96,8 @@ def write_json(results: dict[str, Any], path: str | Path) -> None:
 
 
 def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
-    """PNG plots of prefill tok/s, decode ms/token and memory vs context, one line per preset (ours solid,
-    peers dashed). Needs matplotlib (the ``plot`` extra)."""
+    """PNG plots of prefill tok/s, decode ms/token and memory vs context: one colour per preset, ours solid, each
+    peer its own line style and marker. Needs matplotlib (the ``plot`` extra)."""
     try:
         import matplotlib
 
@@ -110,13 +110,18 @@ def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
     written = []
     panels = [("prefill", "tok_s", "prefill tokens/s", "prompt length (tokens)"),
               ("decode", "ms_token", "decode ms/token", "context (tokens)")]
+    # Colour tells the preset, line and marker the subject: with 4 presets x 4 subjects, one colour per line
+    # would repeat matplotlib's 10-colour cycle.
+    colours = {preset: f"C{i % 10}" for i, preset in enumerate(results["presets"])}
+    styles = {"hybridlm": ("-", "o"), "hf": ("--", "s"), "llamacpp": (":", "^"), "mambapy": ("-.", "D")}
     for section, key, ylabel, xlabel in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for preset, entry in results["presets"].items():
             for name, subject in entry["subjects"].items():
                 points = sorted((int(k), v[key]) for k, v in subject[section].items())
                 if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", linestyle="-" if name == "hybridlm" else "--",
+                    linestyle, marker = styles.get(name, ("--", "x"))
+                    ax.plot(*zip(*points, strict=True), color=colours[preset], linestyle=linestyle, marker=marker,
                             label=f"{preset} ({name})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -132,11 +137,12 @@ def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for preset, entry in results["presets"].items():
         points = sorted((int(k), v["state_bytes"] / 2**20) for k, v in entry["limits"]["decode"].items())
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"{preset} state/KV")
+        ax.plot(*zip(*points, strict=True), color=colours[preset], marker="o", label=f"{preset} state/KV")
         rss = sorted((int(k), v["peak_rss"] / 2**20) for k, v in entry["subjects"]["hybridlm"]["prefill"].items()
                      if v.get("peak_rss"))
         if rss:
-            ax.plot(*zip(*rss, strict=True), marker="x", linestyle=":", label=f"{preset} peak RSS (prefill)")
+            ax.plot(*zip(*rss, strict=True), color=colours[preset], marker="x", linestyle=":",
+                    label=f"{preset} peak RSS (prefill)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")

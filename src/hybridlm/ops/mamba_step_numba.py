@@ -36,6 +36,20 @@ def _rms_norm_(v, w, eps):  # pragma: no cover - compiled
         v[i] = w[i] * np.float32(v[i] * scale)
 
 
+@njit(cache=True, inline="always")
+def _conv_silu_step(conv_state, conv_w, conv_b, has_bias, b, c, value):  # pragma: no cover - compiled
+    # conv_state: (b, channels, k)  conv_w: (channels, k) -> SiLU of channel c's causal conv once ``value`` has
+    # entered sequence b's window (shifted left by one, in place)
+    k = conv_w.shape[1]
+    for j in range(k - 1):
+        conv_state[b, c, j] = conv_state[b, c, j + 1]
+    conv_state[b, c, k - 1] = value
+    acc = conv_b[c] if has_bias else np.float32(0.0)
+    for j in range(k):
+        acc += conv_w[c, j] * conv_state[b, c, j]
+    return acc / (np.float32(1.0) + vexp(-acc))
+
+
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
 def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A_log, D, ssm, W_out, b_out,
                 norm_dt, norm_B, norm_C, eps, flags, out):  # pragma: no cover - compiled
@@ -57,13 +71,7 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
                 acc += W_in[r, i] * x[b, i]
             xz[b, r] = acc + b_in[r] if flags[0] else acc
             if r < d_inner:
-                for j in range(k - 1):
-                    conv_state[b, r, j] = conv_state[b, r, j + 1]
-                conv_state[b, r, k - 1] = xz[b, r]
-                acc = conv_b[r] if flags[1] else np.float32(0.0)
-                for j in range(k):
-                    acc += conv_w[r, j] * conv_state[b, r, j]
-                xc[b, r] = acc / (one + vexp(-acc))
+                xc[b, r] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, r, xz[b, r])
     dbc = np.empty((batch, n_xp), dtype=np.float32)
     for r in prange(n_xp):  # x_proj -> [dt (dt_rank), B (n), C (n)]
         for b in range(batch):
@@ -149,13 +157,7 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
             proj[b, r] = acc + b_in[r] if flags[0] else acc
             c = r - d_inner
             if 0 <= c < conv_dim:
-                for j in range(k - 1):
-                    conv_state[b, c, j] = conv_state[b, c, j + 1]
-                conv_state[b, c, k - 1] = proj[b, r]
-                acc = conv_b[c] if flags[1] else np.float32(0.0)
-                for j in range(k):
-                    acc += conv_w[c, j] * conv_state[b, c, j]
-                xbc[b, c] = acc / (one + vexp(-acc))
+                xbc[b, c] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, c, proj[b, r])
     y = np.empty((batch, d_inner), dtype=np.float32)
     for hp in prange(n_heads * headdim):  # one (head, channel) row of the state at a time
         h = hp // headdim
