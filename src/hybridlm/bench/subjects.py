@@ -92,21 +92,19 @@ class HuggingFace:
         ids = torch.randint(0, self.vocab, (1, context))
         with torch.no_grad():
             out = self.model(ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache_params
+        # The cache's name, as output field and forward argument alike: ``cache`` in recent transformers (which
+        # deprecates the others), ``past_key_values`` (attention models) or ``cache_params`` (Mamba) before.
+        name = next(n for n in ("cache", "past_key_values", "cache_params") if getattr(out, n, None) is not None)
+        cache = getattr(out, name)
         token = out.logits[:, -1:].argmax(-1)
         position = context
 
         @torch.no_grad()
         def step() -> None:
             nonlocal token, cache, position
-            kwargs = {"use_cache": True, "logits_to_keep": 1,
-                      "cache_position": torch.tensor([position])}
-            if getattr(out, "past_key_values", None) is not None:
-                kwargs["past_key_values"] = cache
-            else:
-                kwargs["cache_params"] = cache
-            res = self.model(token, **kwargs)
-            cache = res.past_key_values if getattr(res, "past_key_values", None) is not None else res.cache_params
+            res = self.model(token, use_cache=True, logits_to_keep=1, cache_position=torch.tensor([position]),
+                             **{name: cache})
+            cache = getattr(res, name)
             token = res.logits[:, -1:].argmax(-1)
             position += 1
 
