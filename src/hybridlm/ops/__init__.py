@@ -26,6 +26,7 @@ from hybridlm.ops.attention import decode_attention_torch
 from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
+from hybridlm.ops.projections import gated_mlp_torch, linears_torch
 from hybridlm.ops.selective_scan_cuda import mamba_ssm_available, selective_scan_mamba_ssm
 from hybridlm.ops.selective_scan_reference import selective_scan_reference
 from hybridlm.ops.ssd_chunked import ssd_chunked
@@ -42,10 +43,8 @@ dispatch.register("mamba2_step", "torch", mamba2_step_torch)
 dispatch.register("linear", "torch", torch.nn.functional.linear)
 dispatch.register("decode_attention", "torch", decode_attention_torch)
 dispatch.register("attention_step", "torch", attention_step_torch)
-dispatch.register("linears", "torch", lambda x, weights, biases: tuple(
-    torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)))
-dispatch.register("gated_mlp", "torch", lambda x, w_gate, w_up, w_down: torch.nn.functional.linear(
-    torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up), w_down))
+dispatch.register("linears", "torch", linears_torch)
+dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library

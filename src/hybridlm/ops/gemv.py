@@ -4,20 +4,20 @@ Decoding one token reads every weight once, so its speed is bytes / read bandwid
 threads, fp32) ``torch.mv`` / ``F.linear`` with one row read weights at 10-18 GB/s, while a numba ``prange``
 loop over output rows, each a vectorised dot product, reads them at ~30 GB/s, the machine's streaming rate.
 ``linear`` takes that path when it applies (CPU, float32, at most ``MAX_ROWS`` rows, no autograd) and is
-``F.linear`` otherwise. ``linears`` multiplies one input by several matrices (attention's q, k, v; the MLP's
-gate and up) in a single parallel loop: with sleeping OpenMP waiters every parallel region costs a wake-up of
-the thread pool, measured here at tens to a hundred microseconds. ``gated_mlp`` is a whole SwiGLU feed-forward
-in two such loops.
+``F.linear`` otherwise. ``linears`` multiplies one input by several matrices (attention's q, k, v) in a single
+parallel loop: with sleeping OpenMP waiters (``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up
+of the thread pool, measured here at tens to a hundred microseconds. ``gated_mlp`` is a whole SwiGLU
+feed-forward in two such loops.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit, prange
 
 from hybridlm.ops.fast_math import vexp
+from hybridlm.ops.projections import gated_mlp_torch, linears_torch
 
 MAX_ROWS = 4  # above this many activation rows a BLAS matmul reuses each weight enough to win
 
@@ -85,7 +85,7 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
             ) -> tuple[torch.Tensor, ...]:
     # x: (..., i)  weights[m]: (o_m, i)  biases[m]: (o_m,) or None -> ((..., o_m) for each m)
     if not fast_gemv_applies(x, *weights):
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+        return linears_torch(x, weights, biases)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     ys = tuple(torch.empty(rows.shape[0], w.shape[0], dtype=torch.float32) for w in weights)
     gemv_into(tuple(w.detach().numpy() for w in weights), rows.numpy(),
@@ -102,7 +102,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     # x: (..., d)  w_gate, w_up: (f, d)  w_down: (o, f) -> (..., o)
     if not fast_gemv_applies(x, w_gate, w_up, w_down):
-        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+        return gated_mlp_torch(x, w_gate, w_up, w_down)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     out = torch.empty(rows.shape[0], w_down.shape[0], dtype=torch.float32)
     _gated_mlp(rows.numpy(), w_gate.detach().numpy(), w_up.detach().numpy(), w_down.detach().numpy(), out.numpy())

@@ -1,7 +1,7 @@
 """The Mamba-1 and Mamba-2 decode steps, each in one compiled call (CPU, float32 inference).
 
 in_proj, conv, x_proj, dt_proj + softplus, the scan step, the gate and out_proj, each projection a ``prange``
-loop over output rows that reads the weights once (see ``gemv``): no tensor shaped by the context, one
+loop over output rows that reads the weights once (``gemv.row_dot``): no tensor shaped by the context, one
 Python-to-numba crossing per layer. Every stage runs in parallel, the conv inside in_proj's loop (a channel's
 conv needs only its own in_proj row): with OpenMP's default spin-then-sleep waiters a parallel region inside the
 kernel costs about a microsecond, less than the conv, x_proj or the state update take on one thread
@@ -17,6 +17,7 @@ import torch
 from numba import njit, prange
 
 from hybridlm.ops.fast_math import vexp
+from hybridlm.ops.gemv import row_dot
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.numpy_views import numpy_views
 
@@ -57,7 +58,7 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
     # W_x: (dt_rank + 2 n, d_inner)  W_dt: (d_inner, dt_rank)  A_log: (d_inner, n)  ssm: (b, d_inner, n)
     # W_out: (d_model, d_inner) -> out: (b, d_model).  flags: [in bias, conv bias, out bias, inner norms]
     batch = x.shape[0]
-    d_inner, k = conv_w.shape
+    d_inner = conv_w.shape[0]
     n_state = A_log.shape[1]
     dt_rank = W_dt.shape[1]
     n_xp = W_x.shape[0]
@@ -66,19 +67,14 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
     xc = np.empty((batch, d_inner), dtype=np.float32)
     for r in prange(2 * d_inner):  # in_proj: one read of each weight row; then channel r's causal conv and SiLU
         for b in range(batch):
-            acc = W_in[r, 0] * x[b, 0]
-            for i in range(1, x.shape[1]):
-                acc += W_in[r, i] * x[b, i]
+            acc = row_dot(W_in, r, x, b)
             xz[b, r] = acc + b_in[r] if flags[0] else acc
             if r < d_inner:
                 xc[b, r] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, r, xz[b, r])
     dbc = np.empty((batch, n_xp), dtype=np.float32)
     for r in prange(n_xp):  # x_proj -> [dt (dt_rank), B (n), C (n)]
         for b in range(batch):
-            acc = W_x[r, 0] * xc[b, 0]
-            for i in range(1, d_inner):
-                acc += W_x[r, i] * xc[b, i]
-            dbc[b, r] = acc
+            dbc[b, r] = row_dot(W_x, r, xc, b)
     if flags[3]:  # Jamba's RMSNorms on dt, B and C
         for b in range(batch):
             _rms_norm_(dbc[b, :dt_rank], norm_dt, eps)
@@ -101,9 +97,7 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
             y[b, c] = acc * zv / (one + vexp(-zv))
     for r in prange(out.shape[1]):  # out_proj
         for b in range(batch):
-            acc = W_out[r, 0] * y[b, 0]
-            for i in range(1, d_inner):
-                acc += W_out[r, i] * y[b, i]
+            acc = row_dot(W_out, r, y, b)
             out[b, r] = acc + b_out[r] if flags[2] else acc
 
 
@@ -141,7 +135,7 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
     # conv_state: (b, conv_dim, k)  dt_bias, A_log, D: (h,)  ssm: (b, h, p, n)  norm_w: (d_inner,)
     # W_out: (d_model, d_inner) -> out: (b, d_model).  flags: [in bias, conv bias, out bias]
     batch = x.shape[0]
-    conv_dim, k = conv_w.shape
+    conv_dim = conv_w.shape[0]
     n_heads, headdim, n_state = ssm.shape[1], ssm.shape[2], ssm.shape[3]
     d_inner = n_heads * headdim
     n_groups = (conv_dim - d_inner) // (2 * n_state)
@@ -151,9 +145,7 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
     xbc = np.empty((batch, conv_dim), dtype=np.float32)
     for r in prange(W_in.shape[0]):  # in_proj; then, for an x/B/C row, its channel's causal conv and SiLU
         for b in range(batch):
-            acc = W_in[r, 0] * x[b, 0]
-            for i in range(1, x.shape[1]):
-                acc += W_in[r, i] * x[b, i]
+            acc = row_dot(W_in, r, x, b)
             proj[b, r] = acc + b_in[r] if flags[0] else acc
             c = r - d_inner
             if 0 <= c < conv_dim:
@@ -187,9 +179,7 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
                 y[b, i] = norm_w[i] * (y[b, i] * scale)
     for r in prange(out.shape[1]):
         for b in range(batch):
-            acc = W_out[r, 0] * y[b, 0]
-            for i in range(1, d_inner):
-                acc += W_out[r, i] * y[b, i]
+            acc = row_dot(W_out, r, y, b)
             out[b, r] = acc + b_out[r] if flags[2] else acc
 
 
