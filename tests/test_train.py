@@ -107,8 +107,10 @@ def _cli_train(args, out, nproc=1):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                  "-m", "hybridlm.cli"] if nproc > 1 else [sys.executable, "-m", "hybridlm.cli"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*launcher, "train", *args, "--out", str(out)], check=True, env=env, capture_output=True,
-                   timeout=300)
+    done = subprocess.run([*launcher, "train", *args, "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-4000:]}"
+                                 f"\nstderr:\n{done.stderr[-8000:]}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r], HybridLM.from_pretrained(out / "checkpoint")
 
