@@ -10,16 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hybridlm.atomic_files import atomic_write_text
 from hybridlm.describe import human_bytes
 
 PLOTS = {"accuracy": "accuracy_vs_length.png", "decode": "decode_vs_context.png",
          "prefill": "prefill_vs_context.png", "memory": "state_vs_context.png"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -146,12 +141,12 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     """results.json, the plots (when matplotlib is there) and report.md, each written atomically."""
-    _atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     try:
         plots, note = write_plots(results, out_dir), None
     except ImportError:
         plots, note = {}, "Plots skipped: matplotlib is not installed (pip install 'hybridlm[plot]')."
     results["plots"] = plots
     results["plot_note"] = note
-    _atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    _atomic_write(out_dir / "report.md", report_markdown(results, plots, note))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", report_markdown(results, plots, note))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from hybridlm.atomic_files import atomic_write_text
 
 
 def _mib(n: int | None) -> str:
@@ -86,13 +86,7 @@ def format_report(results: dict[str, Any]) -> str:
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:
     """Write ``results`` to ``path`` atomically (temporary file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for reading
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2, default=str))
 
 
 def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from hybridlm.atomic_files import atomic_path, atomic_write_text
 from hybridlm.data.corpus import corpus_files, iter_documents
 from hybridlm.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -53,24 +52,15 @@ def tokenize_corpus(data: str | Path | list[str | Path] | None, tokenizer: ByteT
         if path.is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             return _checked(np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), files)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".tokens-{key}.", dir=cache_dir)
         n = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for ids in _iter_ids(files, tokenizer):
-                    out.write(ids.astype(dtype).tobytes())
-                    n += len(ids)
-            meta = {"n_tokens": n, "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_id(tokenizer),
-                    "files": len(files), "first_file": str(files[0])}
+        with atomic_path(path) as tmp, tmp.open("wb") as out:
+            for ids in _iter_ids(files, tokenizer):
+                out.write(ids.astype(dtype).tobytes())
+                n += len(ids)
             _checked(np.zeros(n, dtype=dtype), files)  # refuse an empty corpus before anything is kept
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, meta_path)
+        meta = {"n_tokens": n, "dtype": np.dtype(dtype).name, "tokenizer": tokenizer_id(tokenizer),
+                "files": len(files), "first_file": str(files[0])}
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")  # last: it marks the tokens complete
         return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
     parts = list(_iter_ids(files, tokenizer))
     return _checked(np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype), files)

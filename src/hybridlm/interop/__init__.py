@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hybridlm.atomic_files import atomic_directory
 from hybridlm.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     WeightFiles,
-    atomic_directory,
     load_pretrained,
     load_state,
     save_pretrained,

@@ -20,13 +20,13 @@ without rotary positions in a Transformer) are errors here, before anything is w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from hybridlm.atomic_files import atomic_path
 
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
@@ -210,12 +210,8 @@ def export_gguf(model: HybridLM, path: str | Path, tokenizer: Any = None,
     arch = check_exportable(model)
     c = model.config
     vocab = _vocabulary(tokenizer, c.padded_vocab_size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, arch)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(c.name)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == torch.float16 else gguf.LlamaFileType.ALL_F32)
         _add_hparams(writer, c, arch, context_length)
@@ -243,10 +239,6 @@ def export_gguf(model: HybridLM, path: str | Path, tokenizer: Any = None,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return arch
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybridlm.checkpoint import atomic_directory, load_pretrained, save_pretrained
+from hybridlm.atomic_files import atomic_directory
+from hybridlm.checkpoint import load_pretrained, save_pretrained
 from hybridlm.model import HybridLM
 
 STATE_NAME = "trainer_state.json"

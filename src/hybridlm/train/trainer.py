@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from hybridlm.atomic_files import atomic_write_text
 from hybridlm.config import ModelConfig
 from hybridlm.evaluate import score
 from hybridlm.model import HybridLM
@@ -248,9 +248,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
