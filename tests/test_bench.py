@@ -38,8 +38,15 @@ def test_bench_measures_every_point_and_reports_missing_peer_as_not_measured(mon
     ssm = results["presets"]["mamba-tiny"]["limits"]["decode"]
     assert kv[64]["state_bytes"] == 8 * kv[8]["state_bytes"] > 0
     assert ssm[64]["state_bytes"] == ssm[8]["state_bytes"] > 0
+    # Each preset's bounds use the machine as measured while that preset ran.
+    for entry in results["presets"].values():
+        rates = entry["machine"]
+        assert rates["read_gbps"] > 0 and rates["gemm_gflops"] > 0 and rates["exp_gps"] > 0
+        for lim in entry["limits"]["decode"].values():
+            assert lim["bound_ms"] == pytest.approx(lim["bytes_token"] / (rates["read_gbps"] * 1e9) * 1e3)
     text = format_report(results)
     assert "## mamba-tiny" in text and "llamacpp: not measured" in text
+    assert text.count("bounds from the machine as measured with this preset's rounds: streaming read") == 2
     assert "ImportError" in results["presets"]["mamba-tiny"]["not_measured"]["llamacpp"]
 
 

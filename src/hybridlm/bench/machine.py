@@ -50,6 +50,12 @@ class Machine:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def median(cls, machines: list[Machine]) -> Machine:
+        """Each rate the median over several measurements of the same machine."""
+        rates = {k: statistics.median(getattr(m, k) for m in machines) for k in ("read_gbps", "gemm_gflops", "exp_gps")}
+        return cls(cpu=machines[0].cpu, threads=machines[0].threads, **rates)
+
 
 def _cpu_name() -> str:
     try:

@@ -7,7 +7,8 @@ time budget is skipped (and reported as skipped, never as a figure). Ours runs i
 child process of its own with the same environment (``peer_process``), on the same weights. With ``rounds`` > 1
 the sequence ours, peer, peer ... runs that many times per preset and each figure is the median over the rounds:
 on a shared machine whose speed drifts by up to 1.5x over minutes, alternating the subjects keeps one slow
-moment from landing on one side of a ratio only.
+moment from landing on one side of a ratio only. The machine's limits are measured again before each round
+(they drift as much), and a preset's bounds use the median of its rounds' measurements.
 """
 
 from __future__ import annotations
@@ -258,12 +259,14 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     # alike. This process idles while a peer's process measures.
     for preset in settings.presets:
         model = build_model(preset)
-        entry: dict[str, Any] = {"limits": limits(model, machine, settings), "subjects": {}, "not_measured": {}}
+        entry: dict[str, Any] = {"subjects": {}, "not_measured": {}}
         results["presets"][preset] = entry
         fingerprint = weights_fingerprint(model)
         rounds: dict[str, list[dict[str, Any]]] = {}
+        machines: list[Machine] = []
         for r in range(settings.rounds):
             suffix = f" (round {r + 1}/{settings.rounds})" if settings.rounds > 1 else ""
+            machines.append(measure_machine(settings.threads))
             log(f"{preset}: hybridlm ...{suffix}")
             rounds.setdefault("hybridlm", []).append(measure_subject(Ours(model), model, settings, is_ours=True))
             for peer in settings.peers:
@@ -279,6 +282,9 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
                     rounds.setdefault(peer, []).append(figures)
         for name, measured in rounds.items():
             entry["subjects"][name] = measured[0] if len(measured) == 1 else median_of_rounds(measured)
+        machine_now = Machine.median(machines)
+        entry["machine"] = machine_now.to_dict()
+        entry["limits"] = limits(model, machine_now, settings)
         del model
         gc.collect()
     return results
