@@ -150,22 +150,28 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
             c = r - d_inner
             if 0 <= c < conv_dim:
                 xbc[b, c] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, c, proj[b, r])
+    dts = np.empty((batch, n_heads), dtype=np.float32)  # dt and exp(dt A) once per head, not per channel
+    decays = np.empty((batch, n_heads), dtype=np.float32)
+    for b in range(batch):
+        for h in range(n_heads):
+            v = proj[b, d_inner + conv_dim + h] + dt_bias[h]
+            dts[b, h] = v if v > 20 else np.float32(np.log1p(np.exp(v)))
+            decays[b, h] = vexp(-dts[b, h] * vexp(A_log[h]))
     y = np.empty((batch, d_inner), dtype=np.float32)
-    for hp in prange(n_heads * headdim):  # one (head, channel) row of the state at a time
+    rows = ssm.reshape(batch, d_inner, n_state)  # (head, channel) rows: the inner loop over 1-d slices vectorises
+    for hp in prange(d_inner):
         h = hp // headdim
         g = h // per_group
         b_off = d_inner + g * n_state
         c_off = d_inner + n_groups * n_state + g * n_state
         for b in range(batch):
-            v = proj[b, d_inner + conv_dim + h] + dt_bias[h]
-            dt = v if v > 20 else np.float32(np.log1p(np.exp(v)))
-            decay = vexp(-dt * vexp(A_log[h]))
-            xv = xbc[b, hp]
-            acc = D[h] * xv
+            row, B, C = rows[b, hp], xbc[b, b_off:b_off + n_state], xbc[b, c_off:c_off + n_state]
+            decay, dt_x = decays[b, h], dts[b, h] * xbc[b, hp]
+            acc = D[h] * xbc[b, hp]
             for n in range(n_state):
-                s = decay * ssm[b, h, hp % headdim, n] + dt * xv * xbc[b, b_off + n]
-                ssm[b, h, hp % headdim, n] = s
-                acc += s * xbc[b, c_off + n]
+                s = decay * row[n] + dt_x * B[n]
+                row[n] = s
+                acc += s * C[n]
             zv = proj[b, hp]
             y[b, hp] = acc * zv / (one + vexp(-zv))  # gate before the norm (norm_before_gate=False)
     group = d_inner // n_groups
