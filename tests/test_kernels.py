@@ -201,6 +201,27 @@ def test_gemv_gated_mlp_equals_the_swiglu_formula():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+def test_rms_norm_numba_equals_the_torch_op_and_keeps_autograd():
+    from hybridlm.ops.rms_norm import rms_norm_torch
+    from hybridlm.ops.rms_norm_numba import MAX_ROWS, rms_norm_numba
+
+    assert ops.dispatch.kernel("rms_norm", torch.device("cpu")) is rms_norm_numba
+    weight = torch.nn.Parameter(torch.randn(29))
+    inputs = [torch.randn(1, 29), torch.randn(3, 1, 29) * 50, torch.randn(29, 2).t(),  # decode rows, strided
+              torch.randn(MAX_ROWS + 1, 29), torch.randn(2, 29, dtype=torch.float64)]  # fall back to torch
+    for x in inputs:
+        with torch.no_grad():
+            got = rms_norm_numba(x, weight.to(x.dtype), 1e-5)
+            want = rms_norm_torch(x, weight.to(x.dtype), 1e-5)
+            by_formula = weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+        assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, by_formula)
+    x = torch.randn(1, 29, requires_grad=True)  # autograd: the torch form, so gradients reach x and the weight
+    rms_norm_numba(x, weight, 1e-5).sum().backward()
+    assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("config", [
     dict(d_model=48, n_layers=1, layers="M", ffn="none", d_state=5, d_conv=3),
     dict(d_model=32, n_layers=1, layers="M", ffn="none", mamba_inner_norms=True, proj_bias=True),

@@ -6,12 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: (..., d) -> (..., d). Statistics in float32 whatever the input dtype, as the reference models do;
-    # the weight multiplies after the cast back (Hugging Face Llama/Mamba). F.rms_norm is one op where the
-    # written-out formula is five, which a decode step (one row, ~25 norms per token) notices.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+from hybridlm import ops
 
 
 class RMSNorm(nn.Module):
@@ -23,7 +18,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):

@@ -9,6 +9,7 @@ Public ops (shapes in each backend's docstring):
     mamba2_step      Mamba-2 decode step    backends: numba (CPU, float32, fused), torch
     linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
     linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
+    rms_norm         w * x / sqrt(mean(x^2) + eps) over the last dim   backends: numba (decode rows), torch
     gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows), torch
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
     attention_step   attention decode step (q/k/v, rotary, cache write, attention, o_proj)
@@ -27,6 +28,7 @@ from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.projections import gated_mlp_torch, linears_torch
+from hybridlm.ops.rms_norm import rms_norm_torch
 from hybridlm.ops.selective_scan_cuda import mamba_ssm_available, selective_scan_mamba_ssm
 from hybridlm.ops.selective_scan_reference import selective_scan_reference
 from hybridlm.ops.ssd_chunked import ssd_chunked
@@ -45,6 +47,7 @@ dispatch.register("decode_attention", "torch", decode_attention_torch)
 dispatch.register("attention_step", "torch", attention_step_torch)
 dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
+dispatch.register("rms_norm", "torch", rms_norm_torch)
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
@@ -55,6 +58,7 @@ try:  # numba is a core dependency, but a broken install must not break the libr
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.gemv import linears as linears_gemv
     from hybridlm.ops.mamba_step_numba import mamba2_step_numba, mamba_step_numba
+    from hybridlm.ops.rms_norm_numba import rms_norm_numba
     from hybridlm.ops.selective_scan_numba import selective_scan_numba
     from hybridlm.ops.ssd_numba import ssd_numba
 except ImportError as e:
@@ -72,6 +76,7 @@ else:
     dispatch.register("gated_mlp", "gemv", gated_mlp_gemv, runs_on=_on_cpu, first=True)
     dispatch.register("decode_attention", "numba", decode_attention_numba, runs_on=_on_cpu, first=True)
     dispatch.register("attention_step", "numba", attention_step_numba, runs_on=_on_cpu, first=True)
+    dispatch.register("rms_norm", "numba", rms_norm_numba, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -139,5 +144,11 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
     return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension, statistics in float32 or better; on CPU one compiled call for the few
+    rows of a decode step."""
+    return dispatch.kernel("rms_norm", x.device, backend)(x, weight, eps)
+
+
 __all__ = ["attention_step", "causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "gated_mlp",
-           "linear", "linears", "mamba2_step", "mamba_step", "selective_scan", "ssd"]
+           "linear", "linears", "mamba2_step", "mamba_step", "rms_norm", "selective_scan", "ssd"]

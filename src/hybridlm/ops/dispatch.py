@@ -26,6 +26,8 @@ class Backend:
 
 
 _REGISTRY: dict[str, list[Backend]] = {}
+# The choice per (op, device, backend argument, environment variable): a decode step asks ~50 times a token.
+_CHOSEN: dict[tuple[str, torch.device, str | None, str | None], Callable] = {}
 
 
 def register(op: str, name: str, fn: Callable,
@@ -34,6 +36,7 @@ def register(op: str, name: str, fn: Callable,
     backends = [b for b in _REGISTRY.setdefault(op, []) if b.name != name]
     backend = Backend(name, fn, runs_on)
     _REGISTRY[op] = [backend, *backends] if first else [*backends, backend]
+    _CHOSEN.clear()
 
 
 def backends(op: str) -> list[str]:
@@ -56,6 +59,14 @@ def _forced(op: str) -> str | None:
 
 def kernel(op: str, device: torch.device, backend: str | None = None) -> Callable:
     """The function that runs ``op`` on ``device``: the forced backend, else the first that runs there."""
+    key = (op, device, backend, os.environ.get(ENV_VAR))
+    fn = _CHOSEN.get(key)
+    if fn is None:
+        fn = _CHOSEN[key] = _choose(op, device, backend)
+    return fn
+
+
+def _choose(op: str, device: torch.device, backend: str | None) -> Callable:
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(_REGISTRY)}")
     name = backend or _forced(op)

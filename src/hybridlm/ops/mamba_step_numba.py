@@ -20,21 +20,11 @@ from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.gemv import row_dot
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.numpy_views import numpy_views
+from hybridlm.ops.rms_norm_numba import rms_norm_row
 
 if TYPE_CHECKING:
     from hybridlm.layers.mamba import Mamba, MambaState
     from hybridlm.layers.mamba2 import Mamba2, Mamba2State
-
-
-@njit(cache=True, inline="always")
-def _rms_norm_(v, w, eps):  # pragma: no cover - compiled
-    # v: (k,) normalised in place and scaled by w: (k,)
-    ss = v[0] * v[0] * 0
-    for i in range(v.size):
-        ss += v[i] * v[i]
-    scale = 1.0 / np.sqrt(ss / v.size + eps)
-    for i in range(v.size):
-        v[i] = w[i] * np.float32(v[i] * scale)
 
 
 @njit(cache=True, inline="always")
@@ -77,9 +67,9 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
             dbc[b, r] = row_dot(W_x, r, xc, b)
     if flags[3]:  # Jamba's RMSNorms on dt, B and C
         for b in range(batch):
-            _rms_norm_(dbc[b, :dt_rank], norm_dt, eps)
-            _rms_norm_(dbc[b, dt_rank:dt_rank + n_state], norm_B, eps)
-            _rms_norm_(dbc[b, dt_rank + n_state:], norm_C, eps)
+            for v, w in ((dbc[b, :dt_rank], norm_dt), (dbc[b, dt_rank:dt_rank + n_state], norm_B),
+                         (dbc[b, dt_rank + n_state:], norm_C)):
+                rms_norm_row(v, w, eps, v)
     y = np.empty((batch, d_inner), dtype=np.float32)
     for c in prange(d_inner):  # dt_proj + softplus, the SSM step, D skip and SiLU(z) gate
         for b in range(batch):
