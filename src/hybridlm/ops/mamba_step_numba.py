@@ -165,14 +165,10 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
             zv = proj[b, hp]
             y[b, hp] = acc * zv / (one + vexp(-zv))  # gate before the norm (norm_before_gate=False)
     group = d_inner // n_groups
-    for b in range(batch):  # grouped RMSNorm, then the norm's weight
+    for b in range(batch):  # grouped RMSNorm, in place
         for g in range(n_groups):
-            ss = np.float32(0.0)
-            for i in range(g * group, (g + 1) * group):
-                ss += y[b, i] * y[b, i]
-            scale = np.float32(1.0 / np.sqrt(ss / group + eps))
-            for i in range(g * group, (g + 1) * group):
-                y[b, i] = norm_w[i] * (y[b, i] * scale)
+            part = y[b, g * group:(g + 1) * group]
+            rms_norm_row(part, norm_w[g * group:(g + 1) * group], eps, part)
     for r in prange(out.shape[1]):
         for b in range(batch):
             acc = row_dot(W_out, r, y, b)
