@@ -33,6 +33,12 @@ class Distributed:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (nothing when alone). A gloo process that destroyed its group while
+        another was still working on its own aborted at exit ("terminate called without an active exception")."""
+        if self.world_size > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -133,7 +133,9 @@ def train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, o
                          f"{model_config.vocab_size}")
     dist = setup(device)
     try:
-        return _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist, extra_state or {})
+        result = _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist, extra_state or {})
+        dist.barrier()  # the main process still evaluates and saves: no process tears the group down before
+        return result
     finally:
         dist.close()
 
