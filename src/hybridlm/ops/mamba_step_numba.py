@@ -5,7 +5,9 @@ loop over output rows that reads the weights once (``gemv.row_dot``): no tensor 
 Python-to-numba crossing per layer. Every stage runs in parallel, the conv inside in_proj's loop (a channel's
 conv needs only its own in_proj row): with OpenMP's default spin-then-sleep waiters a parallel region inside the
 kernel costs about a microsecond, less than the conv, x_proj or the state update take on one thread
-(mamba-130m, 24 layers: 20.1 -> 18.4 ms a token in an interleaved A/B).
+(mamba-130m, 24 layers: 20.1 -> 18.4 ms a token in an interleaved A/B). Mamba-1 reads in_proj's z rows in the
+state update's loop rather than with the x rows: the update's exps then run while those rows stream in (its 24
+mixers: 14.2 -> 13.2 ms in an interleaved A/B; Mamba-2's cheaper update gained nothing from the same move).
 """
 
 from __future__ import annotations
@@ -53,14 +55,11 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
     dt_rank = W_dt.shape[1]
     n_xp = W_x.shape[0]
     one = np.float32(1.0)
-    xz = np.empty((batch, 2 * d_inner), dtype=np.float32)
     xc = np.empty((batch, d_inner), dtype=np.float32)
-    for r in prange(2 * d_inner):  # in_proj: one read of each weight row; then channel r's causal conv and SiLU
+    for r in prange(d_inner):  # in_proj's x rows: one read of each weight row; then channel r's causal conv, SiLU
         for b in range(batch):
             acc = row_dot(W_in, r, x, b)
-            xz[b, r] = acc + b_in[r] if flags[0] else acc
-            if r < d_inner:
-                xc[b, r] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, r, xz[b, r])
+            xc[b, r] = _conv_silu_step(conv_state, conv_w, conv_b, flags[1], b, r, acc + b_in[r] if flags[0] else acc)
     dbc = np.empty((batch, n_xp), dtype=np.float32)
     for r in prange(n_xp):  # x_proj -> [dt (dt_rank), B (n), C (n)]
         for b in range(batch):
@@ -71,8 +70,11 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
                          (dbc[b, dt_rank + n_state:], norm_C)):
                 rms_norm_row(v, w, eps, v)
     y = np.empty((batch, d_inner), dtype=np.float32)
-    for c in prange(d_inner):  # dt_proj + softplus, the SSM step, D skip and SiLU(z) gate
+    for c in prange(d_inner):  # in_proj's z row, dt_proj + softplus, the SSM step, D skip and SiLU(z) gate
         for b in range(batch):
+            zv = row_dot(W_in, d_inner + c, x, b)
+            if flags[0]:
+                zv += b_in[d_inner + c]
             v = dt_bias[c]
             for i in range(dt_rank):
                 v += W_dt[c, i] * dbc[b, i]
@@ -83,7 +85,6 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
                 h = vexp(-dt * vexp(A_log[c, n])) * ssm[b, c, n] + dt * dbc[b, dt_rank + n] * xv
                 ssm[b, c, n] = h
                 acc += dbc[b, dt_rank + n_state + n] * h
-            zv = xz[b, d_inner + c]
             y[b, c] = acc * zv / (one + vexp(-zv))
     for r in prange(out.shape[1]):  # out_proj
         for b in range(batch):
