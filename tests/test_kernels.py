@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, ModelConfig, ops
+from hybridlm.layers import RMSNorm
 from hybridlm.ops import dispatch
 from hybridlm.ops.fast_math import vexp_array
 from hybridlm.ops.selective_scan_numba import SelectiveScanFn, selective_scan_numba
@@ -222,6 +223,13 @@ def test_rms_norm_numba_equals_the_torch_op_and_keeps_autograd():
     assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+def _random_rms_norm(dim: int) -> RMSNorm:
+    norm = RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim) + 0.5)
+    return norm
+
+
 @pytest.mark.parametrize("config", [
     dict(d_model=48, n_layers=1, layers="M", ffn="none", d_state=5, d_conv=3),
     dict(d_model=32, n_layers=1, layers="M", ffn="none", mamba_inner_norms=True, proj_bias=True),
@@ -242,10 +250,12 @@ def test_fused_mamba_step_equals_torch_step(config):
             s.ssm.copy_(torch.randn_like(s.ssm))
         states[0].conv.copy_(states[1].conv)
         states[0].ssm.copy_(states[1].ssm)
-        for _ in range(4):
+        block_norm = _random_rms_norm(config["d_model"])
+        for i in range(4):  # alternately the mixer's step and the block's residual step x + mixer(norm(x))
             x = torch.randn(3, config["d_model"])
-            y_ref = mamba_step_torch(x, mixer, states[0])
-            y = mamba_step_numba(x, mixer, states[1])
+            norm = block_norm if i % 2 else None
+            y_ref = mamba_step_torch(x, mixer, states[0], norm)
+            y = mamba_step_numba(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].ssm, states[0].ssm, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].conv, states[0].conv)
@@ -347,10 +357,12 @@ def test_fused_mamba2_step_equals_torch_step(config):
         states[1].ssm.copy_(torch.randn_like(states[1].ssm))
         states[0].conv.copy_(states[1].conv)
         states[0].ssm.copy_(states[1].ssm)
-        for _ in range(4):
+        block_norm = _random_rms_norm(config["d_model"])
+        for i in range(4):  # alternately the mixer's step and the block's residual step x + mixer(norm(x))
             x = torch.randn(2, config["d_model"])
-            y_ref = mamba2_step_torch(x, mixer, states[0])
-            y = mamba2_step_numba(x, mixer, states[1])
+            norm = block_norm if i % 2 else None
+            y_ref = mamba2_step_torch(x, mixer, states[0], norm)
+            y = mamba2_step_numba(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].ssm, states[0].ssm, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].conv, states[0].conv)
@@ -448,12 +460,14 @@ def test_fused_attention_step_equals_torch_step(config, monkeypatch):
         states = [mixer.init_state(3, max_len=7) for _ in range(2)]
         for s in states:
             mixer(prompt, s, mask)
-        for _ in range(4):
+        block_norm = _random_rms_norm(32)
+        for i in range(4):  # alternately the mixer's step and the block's residual step x + mixer(norm(x))
             x = torch.randn(3, 32)
-            with monkeypatch.context() as m:  # the oracle: torch throughout (F.linear, SDPA)
+            norm = block_norm if i % 2 else None
+            with monkeypatch.context() as m:  # the oracle: torch throughout (F.linear, SDPA, the norm)
                 m.setenv(dispatch.ENV_VAR, "torch")
-                y_ref = attention_step_torch(x, mixer, states[0])
-            y = attention_step_numba(x, mixer, states[1])
+                y_ref = attention_step_torch(x, mixer, states[0], norm)
+            y = attention_step_numba(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             ref, fused = states
             assert fused.length == ref.length and torch.equal(fused.n_real, ref.n_real)
@@ -508,6 +522,26 @@ def test_numpy_views_follow_in_place_changes_and_are_remade_when_a_weight_is_rep
     np.testing.assert_array_equal(fresh["k_proj.weight"], mixer.k_proj.weight.detach().numpy())
     model.double()  # outside the kernels' domain
     assert numpy_views(mixer) is None
+
+
+def test_kernel_arguments_are_kept_until_the_views_are_remade():
+    from hybridlm.ops.numpy_views import kernel_arguments
+
+    mixer = HybridLM(ModelConfig.preset("mamba-tiny")).eval().layers[0].mixer
+    builds = []
+
+    def build(module, views):
+        builds.append(module)
+        return (views["in_proj.weight"],)
+
+    first = kernel_arguments(mixer, build)
+    assert kernel_arguments(mixer, build) is first and builds == [mixer]  # built once
+    mixer.in_proj.weight.data = torch.randn_like(mixer.in_proj.weight)  # replaced storage: rebuilt from new views
+    again = kernel_arguments(mixer, build)
+    assert len(builds) == 2
+    np.testing.assert_array_equal(again[0], mixer.in_proj.weight.detach().numpy())
+    mixer.double()
+    assert kernel_arguments(mixer, build) is None
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "mamba-tiny", "mamba2-tiny"])

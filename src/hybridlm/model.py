@@ -45,7 +45,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), aux loss of the feed-forward (None unless MoE)
-        x = x + self.mixer(self.norm(x), state, mask)
+        if state is not None and x.shape[1] == 1 and mask is None:  # a decode step: norm, mixer and residual in one
+            x = self.mixer.step(x, state, self.norm)
+        else:
+            x = x + self.mixer(self.norm(x), state, mask)
         if self.ffn is None:
             return x, None
         y, aux = self.ffn(self.ffn_norm(x), mask)

@@ -1,7 +1,8 @@
 """Layers: mixers (one file each, registered by their pattern letter), feed-forwards and norms.
 
-A new mixer is one new module with ``forward(x, state=None, mask=None)``, ``init_state(...)`` and a ``kind``
-name, plus one line in ``MIXERS``.
+A new mixer is one new module with ``forward(x, state=None, mask=None)``, ``step(x, state, norm=None)`` (one
+decode step; with the block's pre-norm ``norm`` it returns the block's residual update ``x + forward(norm(x))``),
+``init_state(...)`` and a ``kind`` name, plus one line in ``MIXERS``.
 """
 
 from hybridlm.layers.attention import Attention

@@ -15,6 +15,7 @@ from hybridlm.ops.attention import sdpa
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
+    from hybridlm.layers.norm import RMSNorm
 
 @dataclass
 class KVCache:
@@ -132,7 +133,7 @@ class Attention(nn.Module):
         # x: (b, l, d_model), mask: (b, l) bool, False at (left-)padding -> (b, l, d_model)
         b, length, _ = x.shape
         if state is not None and length == 1 and mask is None:  # a decode step: one query over the cache
-            return ops.attention_step(x[:, 0], self, state)[:, None]
+            return self.step(x, state)
         projs = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
         q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -166,3 +167,8 @@ class Attention(nn.Module):
                 attn_mask = (attn_mask & key_valid[:, None, None, :]) | (keys == query_pos)
         y = sdpa(q, k, v, attn_mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
+
+    def step(self, x: torch.Tensor, state: KVCache, norm: RMSNorm | None = None) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model), the new key and value appended to the cache. With ``norm`` (the
+        # block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
+        return ops.attention_step(x[:, 0], self, state, norm)[:, None]

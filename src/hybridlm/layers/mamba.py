@@ -109,7 +109,8 @@ class Mamba(nn.Module):
             state.ssm.copy_(ssm_state)
         return self.out_proj(y)
 
-    def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
-        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place.
+    def step(self, x: torch.Tensor, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place. With
+        # ``norm`` (the block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
         # The step lives in ops (mamba_step_torch: plain torch; on CPU a fused numba kernel).
-        return ops.mamba_step(x[:, 0], self, state)[:, None]
+        return ops.mamba_step(x[:, 0], self, state, norm)[:, None]

@@ -10,7 +10,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
-from hybridlm.layers.norm import GatedRMSNorm
+from hybridlm.layers.norm import GatedRMSNorm, RMSNorm
 from hybridlm.layers.ssm_init import dt_bias_init
 
 if TYPE_CHECKING:
@@ -101,9 +101,10 @@ class Mamba2(nn.Module):
             state.ssm.copy_(ssm_state)
         return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
 
-    def step(self, x: torch.Tensor, state: Mamba2State) -> torch.Tensor:
-        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place.
+    def step(self, x: torch.Tensor, state: Mamba2State, norm: RMSNorm | None = None) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place. With
+        # ``norm`` (the block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
         # The step lives in ops (mamba2_step_torch: plain torch; on CPU a fused numba kernel).
-        return ops.mamba2_step(x[:, 0], self, state)[:, None]
+        return ops.mamba2_step(x[:, 0], self, state, norm)[:, None]
 
 

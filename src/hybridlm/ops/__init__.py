@@ -104,14 +104,16 @@ def causal_conv1d_step(x: torch.Tensor, *args, backend: str | None = None, **kwa
     return dispatch.kernel("causal_conv1d_step", x.device, backend)(x, *args, **kwargs)
 
 
-def mamba_step(x: torch.Tensor, mixer, state, backend: str | None = None) -> torch.Tensor:
-    """One Mamba-1 decode step, (b, d_model) -> (b, d_model), updating ``state`` in place."""
-    return dispatch.kernel("mamba_step", x.device, backend)(x, mixer, state)
+def mamba_step(x: torch.Tensor, mixer, state, norm=None, backend: str | None = None) -> torch.Tensor:
+    """One Mamba-1 decode step, (b, d_model) -> (b, d_model), updating ``state`` in place; with ``norm`` (the
+    block's RMSNorm) the block's residual update ``x + mixer(norm(x))``."""
+    return dispatch.kernel("mamba_step", x.device, backend)(x, mixer, state, norm)
 
 
-def mamba2_step(x: torch.Tensor, mixer, state, backend: str | None = None) -> torch.Tensor:
-    """One Mamba-2 decode step, (b, d_model) -> (b, d_model), updating ``state`` in place."""
-    return dispatch.kernel("mamba2_step", x.device, backend)(x, mixer, state)
+def mamba2_step(x: torch.Tensor, mixer, state, norm=None, backend: str | None = None) -> torch.Tensor:
+    """One Mamba-2 decode step, (b, d_model) -> (b, d_model), updating ``state`` in place; with ``norm`` (the
+    block's RMSNorm) the block's residual update ``x + mixer(norm(x))``."""
+    return dispatch.kernel("mamba2_step", x.device, backend)(x, mixer, state, norm)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -133,9 +135,10 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     return dispatch.kernel("gated_mlp", x.device, backend)(x, w_gate, w_up, w_down)
 
 
-def attention_step(x: torch.Tensor, mixer, state, backend: str | None = None) -> torch.Tensor:
-    """One attention decode step, (b, d_model) -> (b, d_model), appending to the KV cache ``state`` in place."""
-    return dispatch.kernel("attention_step", x.device, backend)(x, mixer, state)
+def attention_step(x: torch.Tensor, mixer, state, norm=None, backend: str | None = None) -> torch.Tensor:
+    """One attention decode step, (b, d_model) -> (b, d_model), appending to the KV cache ``state`` in place;
+    with ``norm`` (the block's RMSNorm) the block's residual update ``x + mixer(norm(x))``."""
+    return dispatch.kernel("attention_step", x.device, backend)(x, mixer, state, norm)
 
 
 def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...],

@@ -2,7 +2,7 @@
 the KV cache in place.
 
 ``attention_step_torch`` is the plain version (any device and dtype); ``attention_step_numba`` the fused CPU
-kernel.
+kernel. Given the block's pre-norm (``norm``), a step is the block's whole residual update, ``x + mixer(norm(x))``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import torch
 
 if TYPE_CHECKING:
     from hybridlm.layers.attention import Attention, KVCache
+    from hybridlm.layers.norm import RMSNorm
 
 
-def attention_step_torch(x: torch.Tensor, mixer: Attention, state: KVCache) -> torch.Tensor:
+def attention_step_torch(x: torch.Tensor, mixer: Attention, state: KVCache, norm: RMSNorm | None = None
+                         ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); reads the cache once, no tensor shaped by the context is made.
     from hybridlm import ops
+
+    if norm is not None:
+        return x + attention_step_torch(norm(x), mixer, state)
 
     b, hd = x.shape[0], mixer.head_dim
     projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)

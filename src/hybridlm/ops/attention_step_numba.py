@@ -16,11 +16,13 @@ from numba import njit, prange
 
 from hybridlm.ops.attention_numba import attend_head
 from hybridlm.ops.attention_step import attention_step_torch
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input
 from hybridlm.ops.gemv import gemv_row
-from hybridlm.ops.numpy_views import numpy_views
+from hybridlm.ops.numpy_views import kernel_arguments
 
 if TYPE_CHECKING:
     from hybridlm.layers.attention import Attention, KVCache
+    from hybridlm.layers.norm import RMSNorm
 
 
 @njit(cache=True)
@@ -37,11 +39,13 @@ def _rotate_(v, n_heads, d, position, inv_freq):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _attention_step(x, W_qkv, b_qkv, has_bias, inv_freq, rotary, positions, k_cache, v_cache, length, key_valid,
-                    masked, W_o, b_o, out):  # pragma: no cover - compiled
-    # x: (b, d_model)  W_qkv: (W_q (h d, d_model), W_k (h_kv d, d_model), W_v (same))  positions: (b,) int64
+def _attention_step(hidden, residual, block_norm_w, block_norm_eps, positions, k_cache, v_cache, length, key_valid,
+                    masked, out, W_qkv, b_qkv, has_bias, inv_freq, rotary, W_o, b_o):  # pragma: no cover - compiled
+    # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
+    # W_qkv: (W_q (h d, d_model), W_k (h_kv d, d_model), W_v (same))  positions: (b,) int64
     # k_cache, v_cache: (b, h_kv, capacity, d), the new key/value written at ``length``  key_valid: (b, capacity)
     # W_o: (d_model, h d)  has_bias: (4,) bool for q, k, v, o -> out: (b, d_model)
+    x = block_input(hidden, residual, block_norm_w, block_norm_eps)
     batch = x.shape[0]
     n_kv, d = k_cache.shape[1], k_cache.shape[3]
     n_heads = W_qkv[0].shape[0] // d
@@ -65,30 +69,41 @@ def _attention_step(x, W_qkv, b_qkv, has_bias, inv_freq, rotary, positions, k_ca
     y_flat = y.reshape(batch, n_heads * d)
     for r in prange(out.shape[1]):
         gemv_row((W_o,), y_flat, (b_o,), has_bias[3:], (out,), r)
+        if residual:
+            for b in range(batch):
+                out[b, r] += hidden[b, r]
 
 
-_EMPTY = np.zeros(1, dtype=np.float32)
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 
-def attention_step_numba(x: torch.Tensor, mixer: Attention, state: KVCache) -> torch.Tensor:
-    # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    w = numpy_views(mixer)
-    if (w is None or x.device.type != "cpu" or x.dtype != torch.float32 or state.k.dtype != torch.float32
-            or (torch.is_grad_enabled() and mixer.q_proj.weight.requires_grad)):
-        return attention_step_torch(x, mixer, state)
+def _attention_arguments(mixer: Attention, w: dict[str, np.ndarray]) -> tuple:
+    # _attention_step's arguments from W_qkv on
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+    biases = tuple(w.get(f"{p}.bias", EMPTY) for p in projs)
+    return ((w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]), biases[:3],
+            np.array([f"{p}.bias" in w for p in projs]), w.get("rotary.inv_freq", EMPTY), "rotary.inv_freq" in w,
+            w["o_proj.weight"], biases[3])
+
+
+def attention_step_numba(x: torch.Tensor, mixer: Attention, state: KVCache, norm: RMSNorm | None = None
+                         ) -> torch.Tensor:
+    # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
+    args = kernel_arguments(mixer, _attention_arguments)
+    block = None
+    if (args is not None and x.device.type == "cpu" and x.dtype == torch.float32 and state.k.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or mixer.q_proj.weight.requires_grad
+                                                  or (norm is not None and norm.weight.requires_grad)))):
+        block = block_arguments(x, norm)
+    if block is None:
+        return attention_step_torch(x, mixer, state, norm)
     state.reserve(1)
     if state.key_valid is not None:
         state.key_valid[:, state.length] = True
-    out = torch.empty(x.shape[0], w["o_proj.weight"].shape[0], dtype=torch.float32)
-    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
-    biases = tuple(w.get(f"{p}.bias", _EMPTY) for p in projs)
-    _attention_step(
-        x.detach().contiguous().numpy(), (w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]), biases[:3],
-        np.array([f"{p}.bias" in w for p in projs]), w.get("rotary.inv_freq", _EMPTY), "rotary.inv_freq" in w,
-        state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
-        _NO_MASK if state.key_valid is None else state.key_valid.numpy(), state.key_valid is not None,
-        w["o_proj.weight"], biases[3], out.numpy())
+    out = torch.empty(x.shape[0], mixer.o_proj.out_features, dtype=torch.float32)
+    _attention_step(*block, state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
+                    _NO_MASK if state.key_valid is None else state.key_valid.numpy(), state.key_valid is not None,
+                    out.numpy(), *args)
     state.length += 1
     state.n_real += 1
     return out

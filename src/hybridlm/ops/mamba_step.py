@@ -1,5 +1,8 @@
 """One decode step of a Mamba-1 / Mamba-2 mixer: (b, d_model) in, (b, d_model) out, states updated in place.
 
+Given the block's pre-norm (``norm``), a step is the block's whole residual update, ``x + mixer(norm(x))``: the
+fused kernels then make it one call, with no norm or add between two kernels.
+
 ``mamba_step_torch`` / ``mamba2_step_torch`` are the plain versions (any device and dtype);
 ``mamba_step_numba`` has the fused CPU kernels.
 """
@@ -14,11 +17,16 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from hybridlm.layers.mamba import Mamba, MambaState
     from hybridlm.layers.mamba2 import Mamba2, Mamba2State
+    from hybridlm.layers.norm import RMSNorm
 
 
-def mamba_step_torch(x: torch.Tensor, mixer: Mamba, state: MambaState) -> torch.Tensor:
+def mamba_step_torch(x: torch.Tensor, mixer: Mamba, state: MambaState, norm: RMSNorm | None = None
+                     ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); O(1) work in the context length, state updated in place.
     from hybridlm import ops
+
+    if norm is not None:
+        return x + mamba_step_torch(norm(x), mixer, state)
 
     xs, z = mixer.in_proj(x).chunk(2, dim=-1)
     xs = ops.causal_conv1d_step(xs, state.conv, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
@@ -32,9 +40,13 @@ def mamba_step_torch(x: torch.Tensor, mixer: Mamba, state: MambaState) -> torch.
     return mixer.out_proj(y.to(x.dtype))
 
 
-def mamba2_step_torch(x: torch.Tensor, mixer: Mamba2, state: Mamba2State) -> torch.Tensor:
+def mamba2_step_torch(x: torch.Tensor, mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
+                      ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model); O(1) work in the context length, state updated in place.
     from hybridlm import ops
+
+    if norm is not None:
+        return x + mamba2_step_torch(norm(x), mixer, state)
 
     m = mixer
     z, xBC, dt = m.in_proj(x).split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)

@@ -18,15 +18,17 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.gemv import row_dot
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
-from hybridlm.ops.numpy_views import numpy_views
+from hybridlm.ops.numpy_views import kernel_arguments
 from hybridlm.ops.rms_norm_numba import rms_norm_row
 
 if TYPE_CHECKING:
     from hybridlm.layers.mamba import Mamba, MambaState
     from hybridlm.layers.mamba2 import Mamba2, Mamba2State
+    from hybridlm.layers.norm import RMSNorm
 
 
 @njit(cache=True, inline="always")
@@ -44,11 +46,14 @@ def _conv_silu_step(conv_state, conv_w, conv_b, has_bias, b, c, value):  # pragm
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A_log, D, ssm, W_out, b_out,
-                norm_dt, norm_B, norm_C, eps, flags, out):  # pragma: no cover - compiled
-    # x: (b, d_model)  W_in: (2 d_inner, d_model)  conv_w: (d_inner, k)  conv_state: (b, d_inner, k)
-    # W_x: (dt_rank + 2 n, d_inner)  W_dt: (d_inner, dt_rank)  A_log: (d_inner, n)  ssm: (b, d_inner, n)
-    # W_out: (d_model, d_inner) -> out: (b, d_model).  flags: [in bias, conv bias, out bias, inner norms]
+def _mamba_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm, out, W_in, b_in, conv_w, conv_b,
+                W_x, W_dt, dt_bias, A_log, D, W_out, b_out, norm_dt, norm_B, norm_C, eps,
+                flags):  # pragma: no cover - compiled
+    # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
+    # W_in: (2 d_inner, d_model)  conv_w: (d_inner, k)  conv_state: (b, d_inner, k)  W_x: (dt_rank + 2 n, d_inner)
+    # W_dt: (d_inner, dt_rank)  A_log: (d_inner, n)  ssm: (b, d_inner, n)  W_out: (d_model, d_inner)
+    # -> out: (b, d_model).  flags: [in bias, conv bias, out bias, inner norms]
+    x = block_input(hidden, residual, block_norm_w, block_norm_eps)
     batch = x.shape[0]
     d_inner = conv_w.shape[0]
     n_state = A_log.shape[1]
@@ -89,42 +94,48 @@ def _mamba_step(x, W_in, b_in, conv_w, conv_b, conv_state, W_x, W_dt, dt_bias, A
     for r in prange(out.shape[1]):  # out_proj
         for b in range(batch):
             acc = row_dot(W_out, r, y, b)
-            out[b, r] = acc + b_out[r] if flags[2] else acc
+            if flags[2]:
+                acc += b_out[r]
+            out[b, r] = hidden[b, r] + acc if residual else acc
 
 
-_EMPTY = np.zeros(1, dtype=np.float32)
-
-
-def _fused_step_applies(x: torch.Tensor, mixer: Mamba | Mamba2, state: MambaState | Mamba2State) -> bool:
+def _fused_step_applies(x: torch.Tensor, mixer: Mamba | Mamba2, state: MambaState | Mamba2State,
+                        norm: RMSNorm | None) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and state.conv.dtype == torch.float32
             and state.conv.is_contiguous() and state.ssm.is_contiguous()
-            and not (torch.is_grad_enabled() and mixer.in_proj.weight.requires_grad))
+            and not (torch.is_grad_enabled() and (x.requires_grad or mixer.in_proj.weight.requires_grad
+                                                  or (norm is not None and norm.weight.requires_grad))))
 
 
-def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState) -> torch.Tensor:
-    # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    w = numpy_views(mixer)
-    if w is None or not _fused_step_applies(x, mixer, state):
-        return mamba_step_torch(x, mixer, state)
-    norms = "dt_layernorm.weight" in w
-    out = torch.empty(x.shape[0], w["out_proj.weight"].shape[0], dtype=torch.float32)
-    flags = np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_)
-    _mamba_step(
-        x.detach().contiguous().numpy(), w["in_proj.weight"], w.get("in_proj.bias", _EMPTY),
-        w["conv1d.weight"][:, 0], w.get("conv1d.bias", _EMPTY), state.conv.numpy(), w["x_proj.weight"],
-        w["dt_proj.weight"], w["dt_proj.bias"], w["A_log"], w["D"], state.ssm.numpy(), w["out_proj.weight"],
-        w.get("out_proj.bias", _EMPTY), w.get("dt_layernorm.weight", _EMPTY), w.get("b_layernorm.weight", _EMPTY),
-        w.get("c_layernorm.weight", _EMPTY), np.float32(mixer.dt_layernorm.eps if norms else 0.0), flags,
-        out.numpy())
+def _mamba_arguments(mixer: Mamba, w: dict[str, np.ndarray]) -> tuple:
+    # _mamba_step's arguments from W_in on
+    norms = mixer.inner_norms
+    return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
+            w["x_proj.weight"], w["dt_proj.weight"], w["dt_proj.bias"], w["A_log"], w["D"], w["out_proj.weight"],
+            w.get("out_proj.bias", EMPTY), w.get("dt_layernorm.weight", EMPTY), w.get("b_layernorm.weight", EMPTY),
+            w.get("c_layernorm.weight", EMPTY), np.float32(mixer.dt_layernorm.eps if norms else 0.0),
+            np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))
+
+
+def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
+    # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
+    args = kernel_arguments(mixer, _mamba_arguments)
+    block = block_arguments(x, norm) if args is not None and _fused_step_applies(x, mixer, state, norm) else None
+    if block is None:
+        return mamba_step_torch(x, mixer, state, norm)
+    out = torch.empty(x.shape[0], mixer.out_proj.out_features, dtype=torch.float32)
+    _mamba_step(*block, state.conv.numpy(), state.ssm.numpy(), out.numpy(), *args)
     return out
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, ssm, norm_w, eps, W_out, b_out,
-                 flags, out):  # pragma: no cover - compiled
-    # x: (b, d_model)  W_in: (d_inner + conv_dim + h, d_model) rows [z | x B C | dt]  conv_w: (conv_dim, k)
+def _mamba2_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm, out, W_in, b_in, conv_w, conv_b,
+                 dt_bias, A_log, D, norm_w, eps, W_out, b_out, flags):  # pragma: no cover - compiled
+    # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
+    # W_in: (d_inner + conv_dim + h, d_model) rows [z | x B C | dt]  conv_w: (conv_dim, k)
     # conv_state: (b, conv_dim, k)  dt_bias, A_log, D: (h,)  ssm: (b, h, p, n)  norm_w: (d_inner,)
     # W_out: (d_model, d_inner) -> out: (b, d_model).  flags: [in bias, conv bias, out bias]
+    x = block_input(hidden, residual, block_norm_w, block_norm_eps)
     batch = x.shape[0]
     conv_dim = conv_w.shape[0]
     n_heads, headdim, n_state = ssm.shape[1], ssm.shape[2], ssm.shape[3]
@@ -173,19 +184,25 @@ def _mamba2_step(x, W_in, b_in, conv_w, conv_b, conv_state, dt_bias, A_log, D, s
     for r in prange(out.shape[1]):
         for b in range(batch):
             acc = row_dot(W_out, r, y, b)
-            out[b, r] = acc + b_out[r] if flags[2] else acc
+            if flags[2]:
+                acc += b_out[r]
+            out[b, r] = hidden[b, r] + acc if residual else acc
 
 
-def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State) -> torch.Tensor:
-    # x: (b, d_model) -> (b, d_model); falls back to the torch step outside float32 CPU inference.
-    w = numpy_views(mixer)
-    if w is None or not _fused_step_applies(x, mixer, state):
-        return mamba2_step_torch(x, mixer, state)
-    out = torch.empty(x.shape[0], w["out_proj.weight"].shape[0], dtype=torch.float32)
-    flags = np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w], dtype=np.bool_)
-    _mamba2_step(
-        x.detach().contiguous().numpy(), w["in_proj.weight"], w.get("in_proj.bias", _EMPTY), w["conv1d.weight"][:, 0],
-        w.get("conv1d.bias", _EMPTY), state.conv.numpy(), w["dt_bias"], w["A_log"], w["D"], state.ssm.numpy(),
-        w["norm.weight"], np.float32(mixer.norm.eps), w["out_proj.weight"], w.get("out_proj.bias", _EMPTY), flags,
-        out.numpy())
+def _mamba2_arguments(mixer: Mamba2, w: dict[str, np.ndarray]) -> tuple:
+    # _mamba2_step's arguments from W_in on
+    return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
+            w["dt_bias"], w["A_log"], w["D"], w["norm.weight"], np.float32(mixer.norm.eps), w["out_proj.weight"],
+            w.get("out_proj.bias", EMPTY), np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))
+
+
+def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
+                      ) -> torch.Tensor:
+    # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
+    args = kernel_arguments(mixer, _mamba2_arguments)
+    block = block_arguments(x, norm) if args is not None and _fused_step_applies(x, mixer, state, norm) else None
+    if block is None:
+        return mamba2_step_torch(x, mixer, state, norm)
+    out = torch.empty(x.shape[0], mixer.out_proj.out_features, dtype=torch.float32)
+    _mamba2_step(*block, state.conv.numpy(), state.ssm.numpy(), out.numpy(), *args)
     return out
