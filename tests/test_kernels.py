@@ -520,6 +520,10 @@ def test_numpy_views_follow_in_place_changes_and_are_remade_when_a_weight_is_rep
     fresh = numpy_views(mixer)
     assert fresh is not views
     np.testing.assert_array_equal(fresh["k_proj.weight"], mixer.k_proj.weight.detach().numpy())
+    mixer.v_proj = torch.nn.Linear(*reversed(mixer.v_proj.weight.shape), bias=False)  # a replaced submodule
+    np.testing.assert_array_equal(numpy_views(mixer)["v_proj.weight"], mixer.v_proj.weight.detach().numpy())
+    mixer.v_proj.weight = torch.nn.Parameter(torch.randn_like(mixer.v_proj.weight))  # a replaced parameter
+    np.testing.assert_array_equal(numpy_views(mixer)["v_proj.weight"], mixer.v_proj.weight.detach().numpy())
     model.double()  # outside the kernels' domain
     assert numpy_views(mixer) is None
 

@@ -3,50 +3,70 @@
 A decode step calls its kernel once per layer and token. Making the kernel's arguments there, each weight
 looked up through ``nn.Module.__getattr__`` and turned into an array with ``.detach().numpy()``, cost ~40 us a
 layer (~1.5 ms a token of mamba-130m's 24 layers, against ~13 ms of kernel time). The views are cached on the
-module and remade when any of its tensors was replaced (``model.to(...)``, ``load_state_dict(assign=True)``,
-``param.data = ...``): every call checks each tensor's storage address, ~3 us for a Mamba mixer. In-place
-changes (an optimizer step, ``load_state_dict`` copying) keep the storage, and the views see them.
+module and remade when any of its tensors or submodules was replaced (``model.to(...)``,
+``load_state_dict(assign=True)``, ``param.data = ...``, ``mixer.in_proj = ...``): every call checks each one's
+identity and each tensor's storage address. In-place changes (an optimizer step, ``load_state_dict`` copying)
+keep the storage, and the views see them.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-_KEY = "_hybridlm_numpy_views"  # in the module's __dict__: (paths, data pointers, views or None)
+_KEY = "_hybridlm_numpy_views"  # in the module's __dict__: a _Snapshot
 _ARGS_KEY = "_hybridlm_kernel_arguments"  # (the views they were made from, the builder, the arguments)
 
 
-def _tensors(module: nn.Module, paths: list[tuple[tuple[str, ...], str]]) -> list[torch.Tensor]:
-    # Straight through _modules / _parameters / _buffers: nn.Module.__getattr__ is the slow part.
-    out = []
-    for owner_path, leaf in paths:
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a module's views were made from: each tensor and submodule on the way, and the dict slot holding it
+    (a ``_parameters``, ``_buffers`` or ``_modules`` entry), so a check is a few C-level loops (``map``), no
+    Python loop over the module tree: the check runs once per layer and token, with the caches cold."""
+
+    slots: tuple[dict, ...]
+    names: tuple[str, ...]
+    held: tuple[object, ...]  # what slots[i][names[i]] was
+    tensors: tuple[torch.Tensor, ...]
+    pointers: list[int]
+    views: dict[str, np.ndarray] | None
+
+    def unchanged(self) -> bool:
+        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.held))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers)
+
+
+def _snapshot(module: nn.Module) -> _Snapshot:
+    slots: dict[tuple[int, str], tuple[dict, str, object]] = {}
+    named = [*module.named_parameters(), *module.named_buffers()]
+    for name, tensor in named:
+        *path, leaf = name.split(".")
         owner = module
-        for name in owner_path:
-            owner = owner._modules[name]
-        tensor = owner._parameters.get(leaf)
-        out.append(owner._buffers[leaf] if tensor is None else tensor)
-    return out
+        for part in path:
+            slots[id(owner._modules), part] = (owner._modules, part, owner._modules[part])
+            owner = owner._modules[part]
+        holder = owner._parameters if leaf in owner._parameters else owner._buffers
+        slots[id(holder), leaf] = (holder, leaf, tensor)
+    tensors = [t for _, t in named]
+    usable = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    views = {name: t.detach().numpy() for name, t in named} if usable else None
+    held = list(slots.values())
+    return _Snapshot(tuple(d for d, _, _ in held), tuple(n for _, n, _ in held), tuple(o for _, _, o in held),
+                     tuple(tensors), [t.data_ptr() for t in tensors], views)
 
 
 def numpy_views(module: nn.Module) -> dict[str, np.ndarray] | None:
     """``module``'s parameters and buffers by name (as ``named_parameters`` / ``named_buffers`` give them) as
     numpy arrays sharing their memory; None when one is not a float32 CPU tensor (the kernels' domain)."""
-    cached = module.__dict__.get(_KEY)
-    if cached is not None:
-        paths, pointers, views = cached
-        if [t.data_ptr() for t in _tensors(module, paths)] == pointers:
-            return views
-    named = [*module.named_parameters(), *module.named_buffers()]
-    paths = [(tuple(name.split(".")[:-1]), name.split(".")[-1]) for name, _ in named]
-    tensors = [t for _, t in named]
-    usable = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    views = {name: t.detach().numpy() for name, t in named} if usable else None
-    module.__dict__[_KEY] = (paths, [t.data_ptr() for t in tensors], views)
-    return views
+    snapshot = module.__dict__.get(_KEY)
+    if snapshot is None or not snapshot.unchanged():
+        snapshot = module.__dict__[_KEY] = _snapshot(module)
+    return snapshot.views
 
 
 def kernel_arguments(module: nn.Module, build: Callable[[nn.Module, dict[str, np.ndarray]], tuple]) -> tuple | None:
