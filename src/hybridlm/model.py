@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.layers import FEED_FORWARDS, MIXERS, MoE, RMSNorm
 from hybridlm.layers.linear import Linear
@@ -123,10 +124,18 @@ class HybridLM(nn.Module):
             mask = attention_mask.bool()
         x = self.embedding(input_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.layers):
-            x, aux = block(x, None if state is None else state.layers[i], mask)
+        fused = None
+        if state is not None and mask is None and labels is None and input_ids.shape[1] == 1:
+            fused = ops.fused_decode(self, state, x)  # the blocks' decode kernels, bound once (CPU, float32)
+        if fused is not None:
+            x, aux = fused(x)
             if aux is not None:
                 aux_loss = aux_loss + aux
+        else:
+            for i, block in enumerate(self.layers):
+                x, aux = block(x, None if state is None else state.layers[i], mask)
+                if aux is not None:
+                    aux_loss = aux_loss + aux
         if state is not None:
             state.seqlen += input_ids.shape[1]
         x = self.norm_f(x)

@@ -21,6 +21,7 @@ class InferenceState:
         self.kinds = kinds
         self.batch_size = batch_size
         self.seqlen = 0
+        self.fused_decode: Any = None  # the model's decode kernels bound to this state (ops.fused_decode)
 
     def select(self, rows: Sequence[int] | torch.Tensor, capacity: int = 0) -> InferenceState:
         """A new state holding sequences ``rows`` of this one, in that order (for continuous batching:

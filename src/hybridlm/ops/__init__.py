@@ -14,6 +14,7 @@ Public ops (shapes in each backend's docstring):
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
     attention_step   attention decode step (q/k/v, rotary, cache write, attention, o_proj)
                                                                        backends: numba (CPU, float32, fused), torch
+    fused_decode     a model's decode step as bound kernel calls       backends: numba (CPU, float32), torch (none)
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ dispatch.register("attention_step", "torch", attention_step_torch)
 dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 dispatch.register("rms_norm", "torch", rms_norm_torch)
+dispatch.register("fused_decode", "torch", lambda model, state, x: None)  # None: the blocks' modules, one by one
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
     from hybridlm.ops.attention_numba import decode_attention_numba
     from hybridlm.ops.attention_step_numba import attention_step_numba
     from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
+    from hybridlm.ops.fused_decode import fused_decode as fused_decode_numba
     from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.gemv import linears as linears_gemv
@@ -77,6 +80,7 @@ else:
     dispatch.register("decode_attention", "numba", decode_attention_numba, runs_on=_on_cpu, first=True)
     dispatch.register("attention_step", "numba", attention_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("rms_norm", "numba", rms_norm_numba, runs_on=_on_cpu, first=True)
+    dispatch.register("fused_decode", "numba", fused_decode_numba, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -147,11 +151,19 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
     return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
 
 
+def fused_decode(model, state, x: torch.Tensor, backend: str | None = None):
+    """The bound decode kernels of ``model`` with ``state`` for embedded tokens ``x`` (b, 1, d_model): a callable
+    ``x -> (x after every block, MoE aux loss or None)``, or None where none apply (the model then runs its blocks
+    one by one). See ``fused_decode.FusedDecode``."""
+    return dispatch.kernel("fused_decode", x.device, backend)(model, state, x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension, statistics in float32 or better; on CPU one compiled call for the few
     rows of a decode step."""
     return dispatch.kernel("rms_norm", x.device, backend)(x, weight, eps)
 
 
-__all__ = ["attention_step", "causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "gated_mlp",
+__all__ = ["attention_step", "causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "fused_decode",
+           "gated_mlp",
            "linear", "linears", "mamba2_step", "mamba_step", "rms_norm", "selective_scan", "ssd"]

@@ -8,6 +8,8 @@ Python-to-numba crossing per layer, where the same step in torch ops costs ~60 s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +18,7 @@ from numba import njit, prange
 
 from hybridlm.ops.attention_numba import attend_head
 from hybridlm.ops.attention_step import attention_step_torch
-from hybridlm.ops.block_input import EMPTY, block_arguments, block_input
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, fused_call_applies
 from hybridlm.ops.gemv import gemv_row
 from hybridlm.ops.numpy_views import kernel_arguments
 
@@ -39,13 +41,14 @@ def _rotate_(v, n_heads, d, position, inv_freq):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _attention_step(hidden, residual, block_norm_w, block_norm_eps, positions, k_cache, v_cache, length, key_valid,
-                    masked, out, W_qkv, b_qkv, has_bias, inv_freq, rotary, W_o, b_o):  # pragma: no cover - compiled
+def _attention_step(residual, block_norm_w, block_norm_eps, W_qkv, b_qkv, has_bias, inv_freq, rotary, W_o, b_o,
+                    positions, k_cache, v_cache, length, key_valid, masked, hidden):  # pragma: no cover - compiled
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
     # W_qkv: (W_q (h d, d_model), W_k (h_kv d, d_model), W_v (same))  positions: (b,) int64
     # k_cache, v_cache: (b, h_kv, capacity, d), the new key/value written at ``length``  key_valid: (b, capacity)
     # W_o: (d_model, h d)  has_bias: (4,) bool for q, k, v, o -> out: (b, d_model)
     x = block_input(hidden, residual, block_norm_w, block_norm_eps)
+    out = np.empty_like(hidden)
     batch = x.shape[0]
     n_kv, d = k_cache.shape[1], k_cache.shape[3]
     n_heads = W_qkv[0].shape[0] // d
@@ -72,13 +75,14 @@ def _attention_step(hidden, residual, block_norm_w, block_norm_eps, positions, k
         if residual:
             for b in range(batch):
                 out[b, r] += hidden[b, r]
+    return out
 
 
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 
 def _attention_arguments(mixer: Attention, w: dict[str, np.ndarray]) -> tuple:
-    # _attention_step's arguments from W_qkv on
+    # _attention_step's arguments from W_qkv to b_o
     projs = ("q_proj", "k_proj", "v_proj", "o_proj")
     biases = tuple(w.get(f"{p}.bias", EMPTY) for p in projs)
     return ((w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]), biases[:3],
@@ -86,24 +90,35 @@ def _attention_arguments(mixer: Attention, w: dict[str, np.ndarray]) -> tuple:
             w["o_proj.weight"], biases[3])
 
 
+def bind_attention_step(mixer: Attention, state: KVCache, norm: RMSNorm | None = None
+                        ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``mixer``'s decode step as a call on float32 arrays, hidden (b, d_model) -> (b, d_model), with its weights,
+    the KV cache ``state`` and the block's ``norm`` (for ``hidden + mixer(norm(hidden))``) bound; None outside the
+    kernel's domain (float32 CPU tensors). Each call appends to the cache, growing it when full."""
+    args = kernel_arguments(mixer, _attention_arguments)
+    block = block_arguments(norm)
+    if args is None or block is None or state.k.dtype != torch.float32 or state.k.device.type != "cpu":
+        return None
+    kernel = partial(_attention_step, *block, *args)
+
+    def step(hidden: np.ndarray) -> np.ndarray:
+        state.reserve(1)  # may move the cache: its arrays are looked up on every call
+        valid = state.key_valid
+        if valid is not None:
+            valid[:, state.length] = True
+        out = kernel(state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
+                     _NO_MASK if valid is None else valid.numpy(), valid is not None, hidden)
+        state.length += 1
+        state.n_real += 1
+        return out
+
+    return step
+
+
 def attention_step_numba(x: torch.Tensor, mixer: Attention, state: KVCache, norm: RMSNorm | None = None
                          ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    args = kernel_arguments(mixer, _attention_arguments)
-    block = None
-    if (args is not None and x.device.type == "cpu" and x.dtype == torch.float32 and state.k.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or mixer.q_proj.weight.requires_grad
-                                                  or (norm is not None and norm.weight.requires_grad)))):
-        block = block_arguments(x, norm)
-    if block is None:
+    step = bind_attention_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
+    if step is None:
         return attention_step_torch(x, mixer, state, norm)
-    state.reserve(1)
-    if state.key_valid is not None:
-        state.key_valid[:, state.length] = True
-    out = torch.empty(x.shape[0], mixer.o_proj.out_features, dtype=torch.float32)
-    _attention_step(*block, state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
-                    _NO_MASK if state.key_valid is None else state.key_valid.numpy(), state.key_valid is not None,
-                    out.numpy(), *args)
-    state.length += 1
-    state.n_real += 1
-    return out
+    return torch.from_numpy(step(x.detach().contiguous().numpy()))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from numba import njit
+from torch import nn
 
 from hybridlm.ops.numpy_views import numpy_views
 from hybridlm.ops.rms_norm_numba import rms_norm_row
@@ -34,10 +35,19 @@ def block_input(hidden, residual, norm_w, norm_eps):  # pragma: no cover - compi
     return x
 
 
-def block_arguments(x: torch.Tensor, norm: RMSNorm | None) -> tuple | None:
-    """The kernels' leading arguments ``(hidden, residual, norm_w, norm_eps)`` for input ``x`` (b, d_model), or
-    None when ``norm``'s weight is not a float32 CPU tensor (the caller then takes its torch path)."""
+def block_arguments(norm: RMSNorm | None) -> tuple | None:
+    """The kernels' ``(residual, norm_w, norm_eps)`` arguments for the block's ``norm`` (None: the mixer alone), or
+    None when its weight is not a float32 CPU tensor (the caller then takes its torch path)."""
     if norm is None:
-        return x.detach().contiguous().numpy(), False, EMPTY, 0.0
+        return False, EMPTY, 0.0
     w = numpy_views(norm)
-    return None if w is None else (x.detach().contiguous().numpy(), True, w["weight"], norm.eps)
+    return None if w is None else (True, w["weight"], norm.eps)
+
+
+def fused_call_applies(x: torch.Tensor, *modules: nn.Module | None) -> bool:
+    """Whether a fused decode kernel may take ``x`` (b, d_model): float32 on CPU, and nothing for autograd to
+    record (the kernels have no backward)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters()))

@@ -12,13 +12,15 @@ mixers: 14.2 -> 13.2 ms in an interleaved A/B; Mamba-2's cheaper update gained n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops.block_input import EMPTY, block_arguments, block_input
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, fused_call_applies
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.gemv import row_dot
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
@@ -46,14 +48,15 @@ def _conv_silu_step(conv_state, conv_w, conv_b, has_bias, b, c, value):  # pragm
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _mamba_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm, out, W_in, b_in, conv_w, conv_b,
-                W_x, W_dt, dt_bias, A_log, D, W_out, b_out, norm_dt, norm_B, norm_C, eps,
-                flags):  # pragma: no cover - compiled
+def _mamba_step(residual, block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b, W_x, W_dt,
+                dt_bias, A_log, D, W_out, b_out, norm_dt, norm_B, norm_C, eps, flags,
+                hidden):  # pragma: no cover - compiled
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
     # W_in: (2 d_inner, d_model)  conv_w: (d_inner, k)  conv_state: (b, d_inner, k)  W_x: (dt_rank + 2 n, d_inner)
     # W_dt: (d_inner, dt_rank)  A_log: (d_inner, n)  ssm: (b, d_inner, n)  W_out: (d_model, d_inner)
     # -> out: (b, d_model).  flags: [in bias, conv bias, out bias, inner norms]
     x = block_input(hidden, residual, block_norm_w, block_norm_eps)
+    out = np.empty_like(hidden)
     batch = x.shape[0]
     d_inner = conv_w.shape[0]
     n_state = A_log.shape[1]
@@ -97,18 +100,16 @@ def _mamba_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm,
             if flags[2]:
                 acc += b_out[r]
             out[b, r] = hidden[b, r] + acc if residual else acc
+    return out
 
 
-def _fused_step_applies(x: torch.Tensor, mixer: Mamba | Mamba2, state: MambaState | Mamba2State,
-                        norm: RMSNorm | None) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and state.conv.dtype == torch.float32
-            and state.conv.is_contiguous() and state.ssm.is_contiguous()
-            and not (torch.is_grad_enabled() and (x.requires_grad or mixer.in_proj.weight.requires_grad
-                                                  or (norm is not None and norm.weight.requires_grad))))
+def _state_fits(state: MambaState | Mamba2State) -> bool:
+    return (state.conv.dtype == torch.float32 and state.conv.device.type == "cpu" and state.conv.is_contiguous()
+            and state.ssm.is_contiguous())
 
 
 def _mamba_arguments(mixer: Mamba, w: dict[str, np.ndarray]) -> tuple:
-    # _mamba_step's arguments from W_in on
+    # _mamba_step's arguments from W_in to flags
     norms = mixer.inner_norms
     return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
             w["x_proj.weight"], w["dt_proj.weight"], w["dt_proj.bias"], w["A_log"], w["D"], w["out_proj.weight"],
@@ -117,25 +118,35 @@ def _mamba_arguments(mixer: Mamba, w: dict[str, np.ndarray]) -> tuple:
             np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))
 
 
+def bind_mamba_step(mixer: Mamba, state: MambaState, norm: RMSNorm | None = None
+                    ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``mixer``'s decode step as a call on float32 arrays, hidden (b, d_model) -> (b, d_model), with its weights,
+    ``state`` and the block's ``norm`` (for ``hidden + mixer(norm(hidden))``) bound; None outside the kernel's
+    domain (float32 CPU tensors). The call is the compiled kernel and nothing else."""
+    args = kernel_arguments(mixer, _mamba_arguments)
+    block = block_arguments(norm)
+    if args is None or block is None or not _state_fits(state):
+        return None
+    return partial(_mamba_step, *block, state.conv.numpy(), state.ssm.numpy(), *args)
+
+
 def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    args = kernel_arguments(mixer, _mamba_arguments)
-    block = block_arguments(x, norm) if args is not None and _fused_step_applies(x, mixer, state, norm) else None
-    if block is None:
+    step = bind_mamba_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
+    if step is None:
         return mamba_step_torch(x, mixer, state, norm)
-    out = torch.empty(x.shape[0], mixer.out_proj.out_features, dtype=torch.float32)
-    _mamba_step(*block, state.conv.numpy(), state.ssm.numpy(), out.numpy(), *args)
-    return out
+    return torch.from_numpy(step(x.detach().contiguous().numpy()))
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _mamba2_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm, out, W_in, b_in, conv_w, conv_b,
-                 dt_bias, A_log, D, norm_w, eps, W_out, b_out, flags):  # pragma: no cover - compiled
+def _mamba2_step(residual, block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b, dt_bias, A_log,
+                 D, norm_w, eps, W_out, b_out, flags, hidden):  # pragma: no cover - compiled
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
     # W_in: (d_inner + conv_dim + h, d_model) rows [z | x B C | dt]  conv_w: (conv_dim, k)
     # conv_state: (b, conv_dim, k)  dt_bias, A_log, D: (h,)  ssm: (b, h, p, n)  norm_w: (d_inner,)
     # W_out: (d_model, d_inner) -> out: (b, d_model).  flags: [in bias, conv bias, out bias]
     x = block_input(hidden, residual, block_norm_w, block_norm_eps)
+    out = np.empty_like(hidden)
     batch = x.shape[0]
     conv_dim = conv_w.shape[0]
     n_heads, headdim, n_state = ssm.shape[1], ssm.shape[2], ssm.shape[3]
@@ -187,22 +198,30 @@ def _mamba2_step(hidden, residual, block_norm_w, block_norm_eps, conv_state, ssm
             if flags[2]:
                 acc += b_out[r]
             out[b, r] = hidden[b, r] + acc if residual else acc
+    return out
 
 
 def _mamba2_arguments(mixer: Mamba2, w: dict[str, np.ndarray]) -> tuple:
-    # _mamba2_step's arguments from W_in on
+    # _mamba2_step's arguments from W_in to flags
     return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
             w["dt_bias"], w["A_log"], w["D"], w["norm.weight"], np.float32(mixer.norm.eps), w["out_proj.weight"],
             w.get("out_proj.bias", EMPTY), np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))
 
 
+def bind_mamba2_step(mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
+                     ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """As ``bind_mamba_step``, for a Mamba-2 mixer."""
+    args = kernel_arguments(mixer, _mamba2_arguments)
+    block = block_arguments(norm)
+    if args is None or block is None or not _state_fits(state):
+        return None
+    return partial(_mamba2_step, *block, state.conv.numpy(), state.ssm.numpy(), *args)
+
+
 def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
                       ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    args = kernel_arguments(mixer, _mamba2_arguments)
-    block = block_arguments(x, norm) if args is not None and _fused_step_applies(x, mixer, state, norm) else None
-    if block is None:
+    step = bind_mamba2_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
+    if step is None:
         return mamba2_step_torch(x, mixer, state, norm)
-    out = torch.empty(x.shape[0], mixer.out_proj.out_features, dtype=torch.float32)
-    _mamba2_step(*block, state.conv.numpy(), state.ssm.numpy(), out.numpy(), *args)
-    return out
+    return torch.from_numpy(step(x.detach().contiguous().numpy()))

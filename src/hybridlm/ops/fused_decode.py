@@ -1,0 +1,101 @@
+"""A model's one-token decode step as a loop of bound kernel calls (CPU, float32 inference).
+
+Each block's decode step is one fused kernel (norm, mixer and residual: ``bind_mamba_step`` and its kin), yet
+reaching it through the modules (the block, the mixer, the dispatch, checking the weights, making the kernel's
+arguments) cost ~70 us a layer, ~1.7 ms of a mamba-130m token: it all runs right after a kernel has streamed
+megabytes of weights through the caches, so each Python step there finds its data evicted. ``fused_decode`` binds
+the kernels once for a model and an inference state and keeps them with the state. Each token then checks, in a
+few C-level loops, that no weight or state tensor was replaced, and runs the bound calls; blocks without a fused
+kernel (a feed-forward, a mixer without a binder) run through their modules as before.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from hybridlm.ops import dispatch
+from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
+from hybridlm.ops.block_input import fused_call_applies
+from hybridlm.ops.mamba_step_numba import bind_mamba2_step, bind_mamba_step, mamba2_step_numba, mamba_step_numba
+from hybridlm.ops.numpy_views import numpy_views
+
+if TYPE_CHECKING:
+    from hybridlm.model import HybridLM
+    from hybridlm.state import InferenceState
+
+# A mixer kind's decode op, the backend of it that the binder's kernel is, and the binder:
+# (mixer, its state, the block's norm) -> a call hidden -> hidden + mixer(norm(hidden)).
+BINDERS: dict[str, tuple[str, Callable, Callable]] = {
+    "mamba": ("mamba_step", mamba_step_numba, bind_mamba_step),
+    "mamba2": ("mamba2_step", mamba2_step_numba, bind_mamba2_step),
+    "attention": ("attention_step", attention_step_numba, bind_attention_step),
+}
+_STATE_TENSORS = ("conv", "ssm")  # bound by the SSM binders; a KV cache's tensors are looked up on every call
+
+
+class FusedDecode:
+    """The bound decode step of ``model`` with ``state``; ``fused_decode`` makes and checks it."""
+
+    def __init__(self, model: HybridLM, state: InferenceState) -> None:
+        self.model = model
+        self.views = numpy_views(model)
+        self.layer_states = list(state.layers)
+        held = [(s, name) for s in state.layers for name in _STATE_TENSORS if hasattr(s, name)]
+        self.holders, self.names = tuple(s for s, _ in held), tuple(n for _, n in held)
+        self.held = tuple(getattr(s, n) for s, n in held)
+        self.blocks = list(model.layers)
+        self.backends = os.environ.get(dispatch.ENV_VAR)
+        self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
+
+    @staticmethod
+    def _bind(block: nn.Module, layer_state) -> Callable | None:
+        # Only where the dispatch would choose this kernel for the op (a forced backend wins)
+        op, kernel, bind = BINDERS.get(block.mixer.kind, (None, None, None))
+        if op is None or dispatch.kernel(op, torch.device("cpu")) is not kernel:
+            return None
+        return bind(block.mixer, layer_state, block.norm)
+
+    def unchanged(self, model: HybridLM, state: InferenceState) -> bool:
+        """Whether ``model``'s weights and ``state``'s tensors are still the ones bound."""
+        return (model is self.model and numpy_views(model) is self.views
+                and os.environ.get(dispatch.ENV_VAR) == self.backends
+                and all(map(operator.is_, state.layers, self.layer_states))
+                and all(map(operator.is_, map(getattr, self.holders, self.names), self.held)))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x: (b, 1, d_model) float32 -> (b, 1, d_model) after every block, the MoE auxiliary loss (None: no MoE)
+        b = x.shape[0]
+        hidden = x.detach().contiguous().numpy().reshape(b, -1)
+        aux_loss = None
+        for block, step, layer_state in zip(self.blocks, self.steps, self.layer_states, strict=True):
+            aux = None
+            if step is None:
+                out, aux = block(torch.from_numpy(hidden).view(b, 1, -1), layer_state)
+                hidden = out.contiguous().numpy().reshape(b, -1)
+            else:
+                hidden = step(hidden)
+                if block.ffn is not None:
+                    h = torch.from_numpy(hidden).view(b, 1, -1)
+                    y, aux = block.ffn(block.ffn_norm(h))
+                    hidden = (h + y).numpy().reshape(b, -1)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+        return torch.from_numpy(hidden).view(b, 1, -1), aux_loss
+
+
+def fused_decode(model: HybridLM, state: InferenceState, x: torch.Tensor) -> FusedDecode | None:
+    """The bound decode step for embedded tokens ``x`` (b, 1, d_model) of ``model`` with ``state``, made at the
+    first step and kept on the state while nothing was replaced; None outside float32 CPU inference."""
+    if not fused_call_applies(x, model) or numpy_views(model) is None:
+        return None
+    fused = state.fused_decode
+    if fused is None or not fused.unchanged(model, state):
+        fused = state.fused_decode = FusedDecode(model, state)
+    return fused if any(step is not None for step in fused.steps) else None
+

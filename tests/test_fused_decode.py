@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.ops import dispatch
+from hybridlm.ops.fused_decode import FusedDecode
+
+PRESETS = ["mamba-tiny", "mamba2-tiny", "llama-tiny", "jamba-tiny"]
+
+
+def _decode(model, ids, steps, monkeypatch, backend=None):
+    # a prefill of ids, then ``steps`` greedy tokens: every step's logits and aux loss, and the final state
+    with monkeypatch.context() as m, torch.no_grad():
+        if backend:
+            m.setenv(dispatch.ENV_VAR, backend)
+        state = model.init_state(ids.shape[0], max_len=ids.shape[1] + 2)  # small: the KV caches must grow
+        out = model(ids, state=state)
+        token = out.logits[:, -1:].argmax(-1)
+        seen = []
+        for _ in range(steps):
+            out = model(token, state=state, logits_to_keep=1)
+            seen.append((out.logits, out.aux_loss))
+            token = out.logits[:, -1:].argmax(-1)
+    return seen, state
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bound_decode_equals_the_blocks_run_one_by_one(preset, monkeypatch):
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    fused, state = _decode(model, ids, 5, monkeypatch)
+    assert isinstance(state.fused_decode, FusedDecode)  # the bound path ran
+    assert any(step is not None for step in state.fused_decode.steps)
+    blocks, state = _decode(model, ids, 5, monkeypatch, backend="fused_decode=torch")
+    assert state.fused_decode is None
+    for (logits, aux), (logits_ref, aux_ref) in zip(fused, blocks, strict=True):
+        torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(aux, aux_ref)
+
+
+def test_bound_decode_is_kept_and_rebound_when_a_weight_or_state_is_replaced():
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("mamba-tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    token = ids[:, -1:]
+    with torch.no_grad():
+        state = model.init_state(1)
+        model(ids, state=state)
+        model(token, state=state)
+        bound = state.fused_decode
+        model(token, state=state)
+        assert state.fused_decode is bound  # kept across tokens
+
+        # A weight replaced mid-generation: the next step must use it (same state, copied for the oracle).
+        mixer = model.layers[0].mixer
+        mixer.out_proj.weight.data = torch.randn_like(mixer.out_proj.weight) * 0.1
+        twin = state.select([0])
+        got = model(token, state=state).logits
+        assert state.fused_decode is not bound
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv(dispatch.ENV_VAR, "fused_decode=torch")
+            expected = model(token, state=twin).logits
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+        # A layer's state replaced (as a scheduler might): rebound to the new tensors.
+        bound = state.fused_decode
+        state.layers[1] = state.layers[1].select(torch.tensor([0]))
+        model(token, state=state)
+        assert state.fused_decode is not bound
+
+
+def test_a_forced_step_backend_is_not_bypassed(monkeypatch):
+    model = HybridLM(ModelConfig.preset("mamba-tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    monkeypatch.setenv(dispatch.ENV_VAR, "mamba_step=torch")
+    with torch.no_grad():
+        state = model.init_state(1)
+        model(ids, state=state)
+        model(ids[:, -1:], state=state)
+    assert state.fused_decode is None or all(step is None for step in state.fused_decode.steps)
