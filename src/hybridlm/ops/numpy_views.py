@@ -4,9 +4,9 @@ A decode step calls its kernel once per layer and token. Making the kernel's arg
 looked up through ``nn.Module.__getattr__`` and turned into an array with ``.detach().numpy()``, cost ~40 us a
 layer (~1.5 ms a token of mamba-130m's 24 layers, against ~13 ms of kernel time). The views are cached on the
 module and remade when any of its tensors or submodules was replaced (``model.to(...)``,
-``load_state_dict(assign=True)``, ``param.data = ...``, ``mixer.in_proj = ...``): every call checks each one's
-identity and each tensor's storage address. In-place changes (an optimizer step, ``load_state_dict`` copying)
-keep the storage, and the views see them.
+``load_state_dict(assign=True)``, ``param.data = ...``, ``mixer.in_proj = ...``): every call checks each tensor's
+storage address, and each one's identity when something was registered anywhere since the last check. In-place
+changes (an optimizer step, ``load_state_dict`` copying) keep the storage, and the views see them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,37 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 _KEY = "_hybridlm_numpy_views"  # in the module's __dict__: a _Snapshot
 _ARGS_KEY = "_hybridlm_kernel_arguments"  # (the views they were made from, the builder, the arguments)
 
 
-@dataclass(frozen=True)
+# Every registration of a parameter, buffer or submodule in this process (``module.x = ...``,
+# ``load_state_dict(assign=True)``) is counted: while the count stands still no dict slot can have changed, and a
+# check needs only the tensors' storage addresses (``param.data = ...`` and ``model.to(...)`` move those, unhooked).
+_registrations = 0
+
+
+def _count_registration(*_: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (register_module_parameter_registration_hook, register_module_buffer_registration_hook,
+                  register_module_module_registration_hook):
+    _register(_count_registration)
+
+
+@dataclass
 class _Snapshot:
     """What a module's views were made from: each tensor and submodule on the way, and the dict slot holding it
     (a ``_parameters``, ``_buffers`` or ``_modules`` entry), so a check is a few C-level loops (``map``), no
-    Python loop over the module tree: the check runs once per layer and token, with the caches cold."""
+    Python loop over the module tree: it runs once per layer or model and token, with the caches cold."""
 
     slots: tuple[dict, ...]
     names: tuple[str, ...]
@@ -35,10 +56,16 @@ class _Snapshot:
     tensors: tuple[torch.Tensor, ...]
     pointers: list[int]
     views: dict[str, np.ndarray] | None
+    registrations: int  # the count when the slots were last seen unchanged
 
     def unchanged(self) -> bool:
-        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.held))
-                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers)
+        if list(map(torch.Tensor.data_ptr, self.tensors)) != self.pointers:
+            return False
+        if self.registrations != _registrations:
+            if not all(map(operator.is_, map(dict.get, self.slots, self.names), self.held)):
+                return False
+            self.registrations = _registrations
+        return True
 
 
 def _snapshot(module: nn.Module) -> _Snapshot:
@@ -57,7 +84,7 @@ def _snapshot(module: nn.Module) -> _Snapshot:
     views = {name: t.detach().numpy() for name, t in named} if usable else None
     held = list(slots.values())
     return _Snapshot(tuple(d for d, _, _ in held), tuple(n for _, n, _ in held), tuple(o for _, _, o in held),
-                     tuple(tensors), [t.data_ptr() for t in tensors], views)
+                     tuple(tensors), [t.data_ptr() for t in tensors], views, _registrations)
 
 
 def numpy_views(module: nn.Module) -> dict[str, np.ndarray] | None:
