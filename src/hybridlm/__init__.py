@@ -1,6 +1,5 @@
 """hybridlm: Transformer, Mamba-1/2 and Jamba-style hybrid language models under one definition."""
 
-import hybridlm.huge_pages  # noqa: F401  (first: sets PyTorch's allocation policy before any tensor is made)
 from hybridlm.config import ModelConfig
 from hybridlm.describe import describe
 from hybridlm.model import HybridLM, ModelOutput
