@@ -563,3 +563,24 @@ def test_decode_after_load_state_dict_assign_uses_the_new_weights(preset):
         model(ids[:, :5], state=state)
         fused = model(ids[:, 5:], state=state).logits
         torch.testing.assert_close(fused, other(ids).logits[:, 5:], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ gated RMSNorm
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_numba_gated_rms_norm_equals_the_torch_form(n_groups):
+    from hybridlm.ops.gated_rms_norm import gated_rms_norm_numba, gated_rms_norm_torch
+
+    assert dispatch.kernel("gated_rms_norm", torch.device("cpu")) is gated_rms_norm_numba
+    weight = torch.rand(96) + 0.5
+    proj = torch.randn(2, 37, 200)
+    y, z = torch.randn(2, 37, 96), proj[..., 5:101]  # z strided, as Mamba-2 slices it from in_proj's output
+    expected = gated_rms_norm_torch(y, z, weight, n_groups, 1e-5)
+    torch.testing.assert_close(gated_rms_norm_numba(y, z, weight, n_groups, 1e-5), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gated_rms_norm_numba(y, z.contiguous(), weight, n_groups, 1e-5), expected,
+                               atol=1e-5, rtol=1e-5)
+    # outside the kernel's domain: the torch form (float64; autograd)
+    torch.testing.assert_close(gated_rms_norm_numba(y.double(), z.double(), weight.double(), n_groups, 1e-5),
+                               expected.double(), atol=1e-5, rtol=1e-5)
+    w = weight.clone().requires_grad_()
+    gated_rms_norm_numba(y, z, w, n_groups, 1e-5).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
@@ -36,8 +35,4 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # y, z: (..., dim) -> (..., dim)
-        dtype = y.dtype
-        g = y.float() * F.silu(z.float())
-        g = g.unflatten(-1, (self.n_groups, -1))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * g.flatten(-2).to(dtype)
+        return ops.gated_rms_norm(y, z, self.weight, self.n_groups, self.eps)

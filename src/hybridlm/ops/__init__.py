@@ -10,6 +10,7 @@ Public ops (shapes in each backend's docstring):
     linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
     linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
     rms_norm         w * x / sqrt(mean(x^2) + eps) over the last dim   backends: numba (decode rows), torch
+    gated_rms_norm   Mamba-2's w * rmsnorm(y * silu(z)) by group       backends: numba (CPU inference), torch
     gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows), torch
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
     attention_step   attention decode step (q/k/v, rotary, cache write, attention, o_proj)
@@ -27,6 +28,7 @@ from hybridlm.ops import dispatch
 from hybridlm.ops.attention import decode_attention_torch
 from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
+from hybridlm.ops.gated_rms_norm import gated_rms_norm_torch
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
 from hybridlm.ops.projections import gated_mlp_torch, linears_torch
 from hybridlm.ops.rms_norm import rms_norm_torch
@@ -49,6 +51,7 @@ dispatch.register("attention_step", "torch", attention_step_torch)
 dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 dispatch.register("rms_norm", "torch", rms_norm_torch)
+dispatch.register("gated_rms_norm", "torch", gated_rms_norm_torch)
 dispatch.register("fused_decode", "torch", lambda model, state, x: None)  # None: the blocks' modules, one by one
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
@@ -57,6 +60,7 @@ try:  # numba is a core dependency, but a broken install must not break the libr
     from hybridlm.ops.attention_step_numba import attention_step_numba
     from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
     from hybridlm.ops.fused_decode import fused_decode as fused_decode_numba
+    from hybridlm.ops.gated_rms_norm import gated_rms_norm_numba
     from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
     from hybridlm.ops.gemv import linear as linear_gemv
     from hybridlm.ops.gemv import linears as linears_gemv
@@ -81,6 +85,7 @@ else:
     dispatch.register("attention_step", "numba", attention_step_numba, runs_on=_on_cpu, first=True)
     dispatch.register("rms_norm", "numba", rms_norm_numba, runs_on=_on_cpu, first=True)
     dispatch.register("fused_decode", "numba", fused_decode_numba, runs_on=_on_cpu, first=True)
+    dispatch.register("gated_rms_norm", "numba", gated_rms_norm_numba, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.
 if mamba_ssm_available():
@@ -151,6 +156,13 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
     return dispatch.kernel("linears", x.device, backend)(x, weights, biases)
 
 
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_groups: int, eps: float,
+                   backend: str | None = None) -> torch.Tensor:
+    """Mamba-2's gated RMSNorm ``weight * rmsnorm(y * silu(z))``, statistics per group of channels; on CPU one
+    compiled pass for float32 inference."""
+    return dispatch.kernel("gated_rms_norm", y.device, backend)(y, z, weight, n_groups, eps)
+
+
 def fused_decode(model, state, x: torch.Tensor, backend: str | None = None):
     """The bound decode kernels of ``model`` with ``state`` for embedded tokens ``x`` (b, 1, d_model): a callable
     ``x -> (x after every block, MoE aux loss or None)``, or None where none apply (the model then runs its blocks
@@ -165,5 +177,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | N
 
 
 __all__ = ["attention_step", "causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "fused_decode",
-           "gated_mlp",
+           "gated_mlp", "gated_rms_norm",
            "linear", "linears", "mamba2_step", "mamba_step", "rms_norm", "selective_scan", "ssd"]
