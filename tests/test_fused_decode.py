@@ -79,3 +79,23 @@ def test_a_forced_step_backend_is_not_bypassed(monkeypatch):
         model(ids, state=state)
         model(ids[:, -1:], state=state)
     assert state.fused_decode is None or all(step is None for step in state.fused_decode.steps)
+
+
+def test_forward_hooks_still_see_every_decode_step(monkeypatch):
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("jamba-tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    expected, _ = _decode(model, ids, 3, monkeypatch)
+    seen = []
+    handles = [model.layers[0].mixer.register_forward_hook(lambda m, args, out: seen.append("mixer0")),
+               model.layers[1].register_forward_pre_hook(lambda m, args: seen.append("block1")),
+               model.layers[2].norm.register_forward_hook(lambda m, args, out: seen.append("norm2"))]
+    got, state = _decode(model, ids, 3, monkeypatch)
+    assert seen.count("mixer0") == seen.count("block1") == seen.count("norm2") == 4  # the prefill and 3 steps
+    for (logits, _), (logits_ref, _) in zip(got, expected, strict=True):
+        torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():  # no hooks left: the next step binds those blocks again
+        model(ids[:, -1:], state=state)
+    assert all(step is not None for step in state.fused_decode.steps[:3])

@@ -18,6 +18,7 @@ from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.layers import FEED_FORWARDS, MIXERS, MoE, RMSNorm
 from hybridlm.layers.linear import Linear
+from hybridlm.ops.fused_decode import hooked
 from hybridlm.state import InferenceState
 
 
@@ -46,8 +47,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), aux loss of the feed-forward (None unless MoE)
-        if state is not None and x.shape[1] == 1 and mask is None:  # a decode step: norm, mixer and residual in one
-            x = self.mixer.step(x, state, self.norm)
+        if state is not None and x.shape[1] == 1 and mask is None and not hooked(self.mixer, self.norm):
+            x = self.mixer.step(x, state, self.norm)  # a decode step: norm, mixer and residual in one kernel call
         else:
             x = x + self.mixer(self.norm(x), state, mask)
         if self.ffn is None:

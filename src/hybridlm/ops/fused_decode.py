@@ -5,8 +5,9 @@ reaching it through the modules (the block, the mixer, the dispatch, checking th
 arguments) cost ~70 us a layer, ~1.7 ms of a mamba-130m token: it all runs right after a kernel has streamed
 megabytes of weights through the caches, so each Python step there finds its data evicted. ``fused_decode`` binds
 the kernels once for a model and an inference state and keeps them with the state. Each token then checks, in a
-few C-level loops, that no weight or state tensor was replaced, and runs the bound calls; blocks without a fused
-kernel (a feed-forward, a mixer without a binder) run through their modules as before.
+few C-level loops, that no weight or state tensor was replaced and no forward hook added, and runs the bound
+calls. Blocks without a fused kernel (a feed-forward, a mixer without a binder, a module with a forward hook,
+which expects its ``forward`` to run) run through their modules as before.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
@@ -28,6 +30,20 @@ from hybridlm.ops.numpy_views import numpy_views
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
     from hybridlm.state import InferenceState
+
+_GLOBAL_HOOKS = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+
+
+def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
+    # their forward and forward-pre hooks (registering a hook adds to these dicts in place)
+    return tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (global, or on one of ``modules``) expects to see these modules run. A fused step
+    runs them without calling their ``forward``, so where this is true it steps aside for the module path."""
+    return any(map(len, _GLOBAL_HOOKS)) or any(map(len, _hook_dicts(modules)))
+
 
 # A mixer kind's decode op, the backend of it that the binder's kernel is, and the binder:
 # (mixer, its state, the block's norm) -> a call hidden -> hidden + mixer(norm(hidden)).
@@ -52,19 +68,24 @@ class FusedDecode:
         self.blocks = list(model.layers)
         self.backends = os.environ.get(dispatch.ENV_VAR)
         self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
+        # How many hooks each had: one added or removed later, and the blocks are bound again
+        self.hook_dicts = _GLOBAL_HOOKS + _hook_dicts(tuple(m for b in self.blocks for m in (b, b.mixer, b.norm)))
+        self.hook_counts = tuple(map(len, self.hook_dicts))
 
     @staticmethod
     def _bind(block: nn.Module, layer_state) -> Callable | None:
         # Only where the dispatch would choose this kernel for the op (a forced backend wins)
         op, kernel, bind = BINDERS.get(block.mixer.kind, (None, None, None))
-        if op is None or dispatch.kernel(op, torch.device("cpu")) is not kernel:
+        if op is None or dispatch.kernel(op, torch.device("cpu")) is not kernel or hooked(block, block.mixer,
+                                                                                             block.norm):
             return None
         return bind(block.mixer, layer_state, block.norm)
 
     def unchanged(self, model: HybridLM, state: InferenceState) -> bool:
-        """Whether ``model``'s weights and ``state``'s tensors are still the ones bound."""
+        """Whether ``model``'s weights, ``state``'s tensors and the blocks' forward hooks are still as bound."""
         return (model is self.model and numpy_views(model) is self.views
                 and os.environ.get(dispatch.ENV_VAR) == self.backends
+                and tuple(map(len, self.hook_dicts)) == self.hook_counts
                 and all(map(operator.is_, state.layers, self.layer_states))
                 and all(map(operator.is_, map(getattr, self.holders, self.names), self.held)))
 
