@@ -31,7 +31,7 @@ def test_bound_decode_equals_the_blocks_run_one_by_one(preset, monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     fused, state = _decode(model, ids, 5, monkeypatch)
     assert isinstance(state.fused_decode, FusedDecode)  # the bound path ran
-    assert any(step is not None for step in state.fused_decode.steps)
+    assert any(step is not None for step in state.fused_decode.steps) and state.fused_decode.head is not None
     blocks, state = _decode(model, ids, 5, monkeypatch, backend="fused_decode=torch")
     assert state.fused_decode is None
     for (logits, aux), (logits_ref, aux_ref) in zip(fused, blocks, strict=True):
@@ -89,13 +89,14 @@ def test_forward_hooks_still_see_every_decode_step(monkeypatch):
     seen = []
     handles = [model.layers[0].mixer.register_forward_hook(lambda m, args, out: seen.append("mixer0")),
                model.layers[1].register_forward_pre_hook(lambda m, args: seen.append("block1")),
-               model.layers[2].norm.register_forward_hook(lambda m, args, out: seen.append("norm2"))]
+               model.layers[2].norm.register_forward_hook(lambda m, args, out: seen.append("norm2")),
+               model.norm_f.register_forward_hook(lambda m, args, out: seen.append("norm_f"))]
     got, state = _decode(model, ids, 3, monkeypatch)
-    assert seen.count("mixer0") == seen.count("block1") == seen.count("norm2") == 4  # the prefill and 3 steps
+    assert seen.count("mixer0") == seen.count("block1") == seen.count("norm2") == seen.count("norm_f") == 4  # 1 + 3
     for (logits, _), (logits_ref, _) in zip(got, expected, strict=True):
         torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
     for h in handles:
         h.remove()
     with torch.no_grad():  # no hooks left: the next step binds those blocks again
         model(ids[:, -1:], state=state)
-    assert all(step is not None for step in state.fused_decode.steps[:3])
+    assert all(step is not None for step in state.fused_decode.steps[:3]) and state.fused_decode.head is not None

@@ -139,8 +139,11 @@ class HybridLM(nn.Module):
                     aux_loss = aux_loss + aux
         if state is not None:
             state.seqlen += input_ids.shape[1]
-        x = self.norm_f(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        if fused is not None:
+            logits = fused.logits(x)  # one position: the final norm and the head, bound with the blocks
+        else:
+            x = self.norm_f(x)
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
         if labels is not None:
             if logits_to_keep:

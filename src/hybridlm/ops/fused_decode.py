@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,8 @@ from torch.nn.modules import module as torch_module
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
 from hybridlm.ops.block_input import fused_call_applies
+from hybridlm.ops.gemv import linear as linear_gemv
+from hybridlm.ops.gemv import norm_linear
 from hybridlm.ops.mamba_step_numba import bind_mamba2_step, bind_mamba_step, mamba2_step_numba, mamba_step_numba
 from hybridlm.ops.numpy_views import numpy_views
 
@@ -68,8 +71,10 @@ class FusedDecode:
         self.blocks = list(model.layers)
         self.backends = os.environ.get(dispatch.ENV_VAR)
         self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
+        self.head = self._bind_head(model)
         # How many hooks each had: one added or removed later, and the blocks are bound again
-        self.hook_dicts = _GLOBAL_HOOKS + _hook_dicts(tuple(m for b in self.blocks for m in (b, b.mixer, b.norm)))
+        watched = (model.norm_f, model.lm_head, *(m for b in self.blocks for m in (b, b.mixer, b.norm)))
+        self.hook_dicts = _GLOBAL_HOOKS + _hook_dicts(watched)
         self.hook_counts = tuple(map(len, self.hook_dicts))
 
     @staticmethod
@@ -80,6 +85,24 @@ class FusedDecode:
                                                                                              block.norm):
             return None
         return bind(block.mixer, layer_state, block.norm)
+
+    @staticmethod
+    def _bind_head(model: HybridLM) -> Callable | None:
+        # The final norm and the LM head as one call (hidden (b, d_model) -> logits), where the dispatch would take
+        # the matrix-vector kernel for the head and neither module is hooked
+        head, norm = model.lm_head, model.norm_f
+        if (head.bias is not None or dispatch.kernel("linear", torch.device("cpu")) is not linear_gemv
+                or hooked(norm, head)):
+            return None
+        views = numpy_views(norm)
+        return partial(norm_linear, views["weight"], norm.eps, numpy_views(head)["weight"])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of hidden states ``x`` (b, 1, d_model) after every block: the final norm and the LM head,
+        bound (``head``); the modules where those are not bound."""
+        if self.head is None:
+            return self.model.lm_head(self.model.norm_f(x))
+        return torch.from_numpy(self.head(x.detach().contiguous().numpy().reshape(x.shape[0], -1)))[:, None]
 
     def unchanged(self, model: HybridLM, state: InferenceState) -> bool:
         """Whether ``model``'s weights, ``state``'s tensors and the blocks' forward hooks are still as bound."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from hybridlm.ops.block_input import block_input
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.projections import gated_mlp_torch, linears_torch
 
@@ -69,6 +70,18 @@ def _gated_mlp(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
     for r in prange(W_down.shape[0]):
         for b in range(x.shape[0]):
             out[b, r] = row_dot(W_down, r, hidden, b)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
+def norm_linear(norm_w, eps, W, hidden):  # pragma: no cover - compiled
+    # hidden: (b, i)  norm_w: (i,)  W: (o, i) -> (b, o) = rmsnorm(hidden) * norm_w @ W.T: a final norm and an LM
+    # head in one call (a decode step's logits)
+    x = block_input(hidden, True, norm_w, eps)
+    out = np.empty((x.shape[0], W.shape[0]), dtype=np.float32)
+    for r in prange(W.shape[0]):
+        for b in range(x.shape[0]):
+            out[b, r] = row_dot(W, r, x, b)
+    return out
 
 
 _NO_BIAS = np.zeros(1, dtype=np.float32)
