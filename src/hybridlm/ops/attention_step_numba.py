@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from hybridlm.ops.attention_numba import attend_head
 from hybridlm.ops.attention_step import attention_step_torch
-from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, fused_call_applies
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, call_fused_step
 from hybridlm.ops.gemv import gemv_row
 from hybridlm.ops.numpy_views import kernel_arguments
 
@@ -118,7 +118,4 @@ def bind_attention_step(mixer: Attention, state: KVCache, norm: RMSNorm | None =
 def attention_step_numba(x: torch.Tensor, mixer: Attention, state: KVCache, norm: RMSNorm | None = None
                          ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    step = bind_attention_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
-    if step is None:
-        return attention_step_torch(x, mixer, state, norm)
-    return torch.from_numpy(step(x.detach().contiguous().numpy()))
+    return call_fused_step(bind_attention_step, attention_step_torch, x, mixer, state, norm)

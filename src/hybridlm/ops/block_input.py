@@ -8,6 +8,7 @@ arithmetic inside the kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,3 +52,13 @@ def fused_call_applies(x: torch.Tensor, *modules: nn.Module | None) -> bool:
         return False
     return not torch.is_grad_enabled() or not (
         x.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters()))
+
+
+def call_fused_step(bind: Callable, fallback: Callable, x: torch.Tensor, mixer: nn.Module, state: object,
+                    norm: RMSNorm | None) -> torch.Tensor:
+    """A decode step of ``mixer`` on ``x`` (b, d_model): the fused call ``bind(mixer, state, norm)`` makes where
+    it applies, else ``fallback(x, mixer, state, norm)`` (the torch step)."""
+    step = bind(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
+    if step is None:
+        return fallback(x, mixer, state, norm)
+    return torch.from_numpy(step(x.detach().contiguous().numpy()))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, fused_call_applies
+from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, call_fused_step
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.gemv import row_dot
 from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
@@ -132,10 +132,7 @@ def bind_mamba_step(mixer: Mamba, state: MambaState, norm: RMSNorm | None = None
 
 def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    step = bind_mamba_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
-    if step is None:
-        return mamba_step_torch(x, mixer, state, norm)
-    return torch.from_numpy(step(x.detach().contiguous().numpy()))
+    return call_fused_step(bind_mamba_step, mamba_step_torch, x, mixer, state, norm)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
@@ -221,7 +218,4 @@ def bind_mamba2_step(mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = N
 def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
                       ) -> torch.Tensor:
     # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    step = bind_mamba2_step(mixer, state, norm) if fused_call_applies(x, mixer, norm) else None
-    if step is None:
-        return mamba2_step_torch(x, mixer, state, norm)
-    return torch.from_numpy(step(x.detach().contiguous().numpy()))
+    return call_fused_step(bind_mamba2_step, mamba2_step_torch, x, mixer, state, norm)
