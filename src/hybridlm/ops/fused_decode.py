@@ -104,9 +104,10 @@ class FusedDecode:
             return self.model.lm_head(self.model.norm_f(x))
         return torch.from_numpy(self.head(x.detach().contiguous().numpy().reshape(x.shape[0], -1)))[:, None]
 
-    def unchanged(self, model: HybridLM, state: InferenceState) -> bool:
-        """Whether ``model``'s weights, ``state``'s tensors and the blocks' forward hooks are still as bound."""
-        return (model is self.model and numpy_views(model) is self.views
+    def unchanged(self, model: HybridLM, state: InferenceState, views: dict) -> bool:
+        """Whether ``model`` (its ``numpy_views``, just checked), ``state``'s tensors and the blocks' forward hooks
+        are still as bound."""
+        return (model is self.model and views is self.views
                 and os.environ.get(dispatch.ENV_VAR) == self.backends
                 and tuple(map(len, self.hook_dicts)) == self.hook_counts
                 and all(map(operator.is_, state.layers, self.layer_states))
@@ -136,10 +137,11 @@ class FusedDecode:
 def fused_decode(model: HybridLM, state: InferenceState, x: torch.Tensor) -> FusedDecode | None:
     """The bound decode step for embedded tokens ``x`` (b, 1, d_model) of ``model`` with ``state``, made at the
     first step and kept on the state while nothing was replaced; None outside float32 CPU inference."""
-    if not fused_call_applies(x, model) or numpy_views(model) is None:
+    views = numpy_views(model) if fused_call_applies(x, model) else None  # the weights' check, once a token
+    if views is None:
         return None
     fused = state.fused_decode
-    if fused is None or not fused.unchanged(model, state):
+    if fused is None or not fused.unchanged(model, state, views):
         fused = state.fused_decode = FusedDecode(model, state)
     return fused if any(step is not None for step in fused.steps) else None
 

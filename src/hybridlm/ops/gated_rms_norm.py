@@ -2,8 +2,8 @@
 
 ``gated_rms_norm_torch`` is the formula in torch ops (any device and dtype, autograd). ``gated_rms_norm_numba``
 is one pass over the rows for CPU float32 inference: the torch form makes six passes over (tokens, d_inner)
-tensors, silu reading z through its strided view of in_proj's output: ~8 ms a layer of a 1024-token mamba2-130m
-prefill here, against ~0.9 ms for this kernel (interleaved, same process).
+tensors, silu reading z through its strided view of in_proj's output: ~3.1 ms a layer of a 1024-token
+mamba2-130m prefill here, against ~1.65 ms for this op (interleaved, same process).
 """
 
 from __future__ import annotations
