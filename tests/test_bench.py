@@ -26,7 +26,9 @@ def test_bench_measures_every_point_and_reports_missing_peer_as_not_measured(mon
     (tmp_path / "llama_cpp").mkdir()
     (tmp_path / "llama_cpp" / "__init__.py").write_text("raise ImportError(\"No module named 'llama_cpp'\")\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    threads = torch.get_num_threads()
     results = run(tiny_settings(peers=("llamacpp",)), log=lambda _: None)
+    assert torch.get_num_threads() == threads  # the bench's thread count (1 here) does not outlive it
     json.dumps(results, default=str)
     for preset in ("mamba-tiny", "llama-tiny"):
         entry = results["presets"][preset]

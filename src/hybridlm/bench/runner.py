@@ -242,7 +242,20 @@ def scan_benchmark(machine: Machine, repeats: int) -> dict[str, Any]:
 
 
 def run(settings: BenchSettings, log=print) -> dict[str, Any]:
-    """Measure everything in ``settings``; returns a JSON-able dict (see ``report.format_report``)."""
+    """Measure everything in ``settings``; returns a JSON-able dict (see ``report.format_report``). torch and
+    numba run at ``settings.threads`` threads meanwhile; their previous counts are restored afterwards, so a
+    caller in the same process (a test suite, a notebook) is not left at the bench's thread count."""
+    import numba
+
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        return _run(settings, log)
+    finally:
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
+
+
+def _run(settings: BenchSettings, log) -> dict[str, Any]:
     set_threads(settings.threads)
     log(f"measuring machine limits at {settings.threads} threads ...")
     machine = measure_machine(settings.threads)
