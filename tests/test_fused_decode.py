@@ -32,6 +32,8 @@ def test_bound_decode_equals_the_blocks_run_one_by_one(preset, monkeypatch):
     fused, state = _decode(model, ids, 5, monkeypatch)
     assert isinstance(state.fused_decode, FusedDecode)  # the bound path ran
     assert any(step is not None for step in state.fused_decode.steps) and state.fused_decode.head is not None
+    # a model of SSM blocks alone runs its whole step as one call
+    assert (state.fused_decode.stack is not None) == (preset in ("mamba-tiny", "mamba2-tiny"))
     blocks, state = _decode(model, ids, 5, monkeypatch, backend="fused_decode=torch")
     assert state.fused_decode is None
     for (logits, aux), (logits_ref, aux_ref) in zip(fused, blocks, strict=True):
@@ -100,3 +102,44 @@ def test_forward_hooks_still_see_every_decode_step(monkeypatch):
     with torch.no_grad():  # no hooks left: the next step binds those blocks again
         model(ids[:, -1:], state=state)
     assert all(step is not None for step in state.fused_decode.steps[:3]) and state.fused_decode.head is not None
+
+
+@pytest.mark.parametrize("preset", ["mamba-tiny", "mamba2-tiny"])
+def test_the_whole_model_call_equals_the_bound_blocks(preset, monkeypatch):
+    # The one-call step against the same kernels called block by block (the stack dropped after binding)
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        states = [model.init_state(2), model.init_state(2)]
+        for state in states:
+            model(ids, state=state)
+            model(ids[:, -1:], state=state)
+        assert states[0].fused_decode.stack is not None
+        states[1].fused_decode.stack = None
+        token = ids[:, -1:]
+        for _ in range(4):
+            whole, blocks = (model(token.int(), state=states[0]).logits,  # int32 ids are taken too
+                             model(token, state=states[1]).logits)
+            torch.testing.assert_close(whole, blocks, atol=0, rtol=0)
+            token = whole[:, -1:].argmax(-1)
+    for held, ref in zip(states[0].layers, states[1].layers, strict=True):
+        torch.testing.assert_close(held.ssm, ref.ssm, atol=0, rtol=0)
+        torch.testing.assert_close(held.conv, ref.conv, atol=0, rtol=0)
+
+
+def test_a_hooked_embedding_takes_the_block_path(monkeypatch):
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("mamba-tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    expected, _ = _decode(model, ids, 2, monkeypatch)
+    seen = []
+    handle = model.embedding.register_forward_hook(lambda m, args, out: seen.append(1))
+    got, state = _decode(model, ids, 2, monkeypatch)
+    assert len(seen) == 3 and state.fused_decode.stack is None  # the prefill and both steps
+    for (logits, _), (logits_ref, _) in zip(got, expected, strict=True):
+        torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+    handle.remove()
+    with torch.no_grad():
+        model(ids[:, -1:], state=state)
+    assert state.fused_decode.stack is not None

@@ -123,27 +123,23 @@ class HybridLM(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()
+        if state is not None and mask is None and labels is None and input_ids.shape[1] == 1:
+            fused = ops.fused_decode(self, state, input_ids)  # the decode kernels, bound once (CPU, float32)
+            if fused is not None:
+                logits, aux = fused(input_ids)
+                state.seqlen += 1
+                aux_loss = torch.zeros((), dtype=torch.float32)
+                return ModelOutput(logits=logits, loss=None, aux_loss=aux_loss if aux is None else aux_loss + aux)
         x = self.embedding(input_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        fused = None
-        if state is not None and mask is None and labels is None and input_ids.shape[1] == 1:
-            fused = ops.fused_decode(self, state, x)  # the blocks' decode kernels, bound once (CPU, float32)
-        if fused is not None:
-            x, aux = fused(x)
+        for i, block in enumerate(self.layers):
+            x, aux = block(x, None if state is None else state.layers[i], mask)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        else:
-            for i, block in enumerate(self.layers):
-                x, aux = block(x, None if state is None else state.layers[i], mask)
-                if aux is not None:
-                    aux_loss = aux_loss + aux
         if state is not None:
             state.seqlen += input_ids.shape[1]
-        if fused is not None:
-            logits = fused.logits(x)  # one position: the final norm and the head, bound with the blocks
-        else:
-            x = self.norm_f(x)
-            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        x = self.norm_f(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
         if labels is not None:
             if logits_to_keep:
@@ -175,9 +171,11 @@ class HybridLM(nn.Module):
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: expected at least one token per sequence, got length 0")
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.padded_vocab_size:
-            raise ValueError(f"input_ids: expected token ids in [0, {self.config.padded_vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel():
+            low, high = map(int, torch.aminmax(input_ids))  # one pass: this runs before every decoded token
+            if not 0 <= low <= high < self.config.padded_vocab_size:
+                raise ValueError(f"input_ids: expected token ids in [0, {self.config.padded_vocab_size}), got values "
+                                 f"in [{low}, {high}]")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (as input_ids), "
                              f"got {tuple(attention_mask.shape)}")

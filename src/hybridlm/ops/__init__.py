@@ -52,7 +52,7 @@ dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 dispatch.register("rms_norm", "torch", rms_norm_torch)
 dispatch.register("gated_rms_norm", "torch", gated_rms_norm_torch)
-dispatch.register("fused_decode", "torch", lambda model, state, x: None)  # None: the blocks' modules, one by one
+dispatch.register("fused_decode", "torch", lambda model, state, ids: None)  # None: the blocks' modules, one by one
 
 _on_cpu = lambda device: device.type == "cpu"  # noqa: E731
 try:  # numba is a core dependency, but a broken install must not break the library
@@ -163,11 +163,11 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_gro
     return dispatch.kernel("gated_rms_norm", y.device, backend)(y, z, weight, n_groups, eps)
 
 
-def fused_decode(model, state, x: torch.Tensor, backend: str | None = None):
-    """The bound decode kernels of ``model`` with ``state`` for embedded tokens ``x`` (b, 1, d_model): a callable
-    ``x -> (x after every block, MoE aux loss or None)``, or None where none apply (the model then runs its blocks
-    one by one). See ``fused_decode.FusedDecode``."""
-    return dispatch.kernel("fused_decode", x.device, backend)(model, state, x)
+def fused_decode(model, state, input_ids: torch.Tensor, backend: str | None = None):
+    """The bound decode kernels of ``model`` with ``state`` for one token a sequence, ``input_ids`` (b, 1): a
+    callable ``input_ids -> (logits (b, 1, vocab), MoE aux loss or None)``, or None where none apply (the model
+    then runs its modules). See ``fused_decode.FusedDecode``."""
+    return dispatch.kernel("fused_decode", input_ids.device, backend)(model, state, input_ids)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A model's one-token decode step as a loop of bound kernel calls (CPU, float32 inference).
+"""A model's one-token decode step as bound kernel calls (CPU, float32 inference): one call for a whole SSM model.
 
 Each block's decode step is one fused kernel (norm, mixer and residual: ``bind_mamba_step`` and its kin), yet
 reaching it through the modules (the block, the mixer, the dispatch, checking the weights, making the kernel's
@@ -6,8 +6,10 @@ arguments) cost ~70 us a layer, ~1.7 ms of a mamba-130m token: it all runs right
 megabytes of weights through the caches, so each Python step there finds its data evicted. ``fused_decode`` binds
 the kernels once for a model and an inference state and keeps them with the state. Each token then checks, in a
 few C-level loops, that no weight or state tensor was replaced and no forward hook added, and runs the bound
-calls. Blocks without a fused kernel (a feed-forward, a mixer without a binder, a module with a forward hook,
-which expects its ``forward`` to run) run through their modules as before.
+calls. Where every block is the same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the
+blocks and the head are one bound call (``bind_mamba_stack``). Otherwise blocks without a fused kernel (a
+feed-forward, a mixer without a binder, a module with a forward hook, which expects its ``forward`` to run) run
+through their modules as before.
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
-from hybridlm.ops.block_input import fused_call_applies
 from hybridlm.ops.gemv import linear as linear_gemv
 from hybridlm.ops.gemv import norm_linear
-from hybridlm.ops.mamba_step_numba import bind_mamba2_step, bind_mamba_step, mamba2_step_numba, mamba_step_numba
+from hybridlm.ops.mamba_step_numba import (
+    bind_mamba2_stack,
+    bind_mamba2_step,
+    bind_mamba_stack,
+    bind_mamba_step,
+    mamba2_step_numba,
+    mamba_step_numba,
+)
 from hybridlm.ops.numpy_views import numpy_views
 
 if TYPE_CHECKING:
@@ -48,12 +57,13 @@ def hooked(*modules: nn.Module) -> bool:
     return any(map(len, _GLOBAL_HOOKS)) or any(map(len, _hook_dicts(modules)))
 
 
-# A mixer kind's decode op, the backend of it that the binder's kernel is, and the binder:
-# (mixer, its state, the block's norm) -> a call hidden -> hidden + mixer(norm(hidden)).
-BINDERS: dict[str, tuple[str, Callable, Callable]] = {
-    "mamba": ("mamba_step", mamba_step_numba, bind_mamba_step),
-    "mamba2": ("mamba2_step", mamba2_step_numba, bind_mamba2_step),
-    "attention": ("attention_step", attention_step_numba, bind_attention_step),
+# A mixer kind's decode op, the backend of it that the binder's kernel is, the binder: (mixer, its state, the
+# block's norm) -> a call hidden -> hidden + mixer(norm(hidden)), and the binder of a model made only of such
+# blocks (see bind_mamba_stack), or None.
+BINDERS: dict[str, tuple[str, Callable, Callable, Callable | None]] = {
+    "mamba": ("mamba_step", mamba_step_numba, bind_mamba_step, bind_mamba_stack),
+    "mamba2": ("mamba2_step", mamba2_step_numba, bind_mamba2_step, bind_mamba2_stack),
+    "attention": ("attention_step", attention_step_numba, bind_attention_step, None),
 }
 _STATE_TENSORS = ("conv", "ssm")  # bound by the SSM binders; a KV cache's tensors are looked up on every call
 
@@ -71,31 +81,43 @@ class FusedDecode:
         self.blocks = list(model.layers)
         self.backends = os.environ.get(dispatch.ENV_VAR)
         self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
-        self.head = self._bind_head(model)
+        head = self._head_arguments(model)
+        self.head = None if head is None else partial(norm_linear, *head)
+        self.stack = None if head is None else self._bind_stack(model, state, head)
         # How many hooks each had: one added or removed later, and the blocks are bound again
-        watched = (model.norm_f, model.lm_head, *(m for b in self.blocks for m in (b, b.mixer, b.norm)))
+        watched = (model.embedding, model.norm_f, model.lm_head,
+                   *(m for b in self.blocks for m in (b, b.mixer, b.norm)))
         self.hook_dicts = _GLOBAL_HOOKS + _hook_dicts(watched)
         self.hook_counts = tuple(map(len, self.hook_dicts))
 
     @staticmethod
     def _bind(block: nn.Module, layer_state) -> Callable | None:
         # Only where the dispatch would choose this kernel for the op (a forced backend wins)
-        op, kernel, bind = BINDERS.get(block.mixer.kind, (None, None, None))
+        op, kernel, bind, _ = BINDERS.get(block.mixer.kind, (None, None, None, None))
         if op is None or dispatch.kernel(op, torch.device("cpu")) is not kernel or hooked(block, block.mixer,
                                                                                              block.norm):
             return None
         return bind(block.mixer, layer_state, block.norm)
 
     @staticmethod
-    def _bind_head(model: HybridLM) -> Callable | None:
-        # The final norm and the LM head as one call (hidden (b, d_model) -> logits), where the dispatch would take
-        # the matrix-vector kernel for the head and neither module is hooked
+    def _head_arguments(model: HybridLM) -> tuple | None:
+        # The final norm and the LM head's arguments of ``norm_linear`` (hidden (b, d_model) -> logits), where the
+        # dispatch would take the matrix-vector kernel for the head and neither module is hooked
         head, norm = model.lm_head, model.norm_f
         if (head.bias is not None or dispatch.kernel("linear", torch.device("cpu")) is not linear_gemv
                 or hooked(norm, head)):
             return None
-        views = numpy_views(norm)
-        return partial(norm_linear, views["weight"], norm.eps, numpy_views(head)["weight"])
+        return numpy_views(norm)["weight"], norm.eps, numpy_views(head)["weight"]
+
+    def _bind_stack(self, model: HybridLM, state: InferenceState, head: tuple) -> Callable | None:
+        # The whole step as one call (ids (b,) -> logits (b, vocab)) where every block is bound, of one kind with a
+        # stack binder, with no feed-forward, and the embedding is not hooked
+        kinds = {block.mixer.kind for block in self.blocks}
+        stack = BINDERS[kinds.pop()][3] if len(kinds) == 1 and kinds <= BINDERS.keys() else None
+        if (stack is None or None in self.steps or any(block.ffn is not None for block in self.blocks)
+                or hooked(model.embedding)):
+            return None
+        return stack(self.blocks, self.layer_states, numpy_views(model.embedding)["weight"], *head)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of hidden states ``x`` (b, 1, d_model) after every block: the final norm and the LM head,
@@ -113,8 +135,12 @@ class FusedDecode:
                 and all(map(operator.is_, state.layers, self.layer_states))
                 and all(map(operator.is_, map(getattr, self.holders, self.names), self.held)))
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # x: (b, 1, d_model) float32 -> (b, 1, d_model) after every block, the MoE auxiliary loss (None: no MoE)
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # input_ids: (b, 1) -> logits (b, 1, vocab), the MoE auxiliary loss (None: no MoE)
+        if self.stack is not None:
+            ids = np.ascontiguousarray(input_ids.numpy()[:, 0], dtype=np.int64)
+            return torch.from_numpy(self.stack(ids))[:, None], None
+        x = self.model.embedding(input_ids)
         b = x.shape[0]
         hidden = x.detach().contiguous().numpy().reshape(b, -1)
         aux_loss = None
@@ -131,17 +157,18 @@ class FusedDecode:
                     hidden = (h + y).numpy().reshape(b, -1)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
-        return torch.from_numpy(hidden).view(b, 1, -1), aux_loss
+        return self.logits(torch.from_numpy(hidden).view(b, 1, -1)), aux_loss
 
 
-def fused_decode(model: HybridLM, state: InferenceState, x: torch.Tensor) -> FusedDecode | None:
-    """The bound decode step for embedded tokens ``x`` (b, 1, d_model) of ``model`` with ``state``, made at the
-    first step and kept on the state while nothing was replaced; None outside float32 CPU inference."""
-    views = numpy_views(model) if fused_call_applies(x, model) else None  # the weights' check, once a token
+def fused_decode(model: HybridLM, state: InferenceState, input_ids: torch.Tensor) -> FusedDecode | None:
+    """The bound decode step of ``model`` with ``state`` for one token a sequence (``input_ids`` (b, 1), on CPU),
+    made at the first step and kept on the state while nothing was replaced; None outside float32 inference."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return None  # the kernels have no backward
+    views = numpy_views(model)  # the weights' check, once a token; None unless all are float32 CPU tensors
     if views is None:
         return None
     fused = state.fused_decode
     if fused is None or not fused.unchanged(model, state, views):
         fused = state.fused_decode = FusedDecode(model, state)
     return fused if any(step is not None for step in fused.steps) else None
-
