@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,8 +34,10 @@ def test_bound_decode_equals_the_blocks_run_one_by_one(preset, monkeypatch):
     fused, state = _decode(model, ids, 5, monkeypatch)
     assert isinstance(state.fused_decode, FusedDecode)  # the bound path ran
     assert any(step is not None for step in state.fused_decode.steps) and state.fused_decode.head is not None
-    # a model of SSM blocks alone runs its whole step as one call
+    # a model of SSM blocks alone runs its whole step as one call; feed-forwards are bound too
     assert (state.fused_decode.stack is not None) == (preset in ("mamba-tiny", "mamba2-tiny"))
+    assert all((ffn_step is not None) == (block.ffn is not None)
+               for block, ffn_step in zip(model.layers, state.fused_decode.ffn_steps, strict=True))
     blocks, state = _decode(model, ids, 5, monkeypatch, backend="fused_decode=torch")
     assert state.fused_decode is None
     for (logits, aux), (logits_ref, aux_ref) in zip(fused, blocks, strict=True):
@@ -92,9 +96,10 @@ def test_forward_hooks_still_see_every_decode_step(monkeypatch):
     handles = [model.layers[0].mixer.register_forward_hook(lambda m, args, out: seen.append("mixer0")),
                model.layers[1].register_forward_pre_hook(lambda m, args: seen.append("block1")),
                model.layers[2].norm.register_forward_hook(lambda m, args, out: seen.append("norm2")),
+               model.layers[3].ffn.register_forward_hook(lambda m, args, out: seen.append("ffn3")),
                model.norm_f.register_forward_hook(lambda m, args, out: seen.append("norm_f"))]
     got, state = _decode(model, ids, 3, monkeypatch)
-    assert seen.count("mixer0") == seen.count("block1") == seen.count("norm2") == seen.count("norm_f") == 4  # 1 + 3
+    assert all(seen.count(name) == 4 for name in ("mixer0", "block1", "norm2", "ffn3", "norm_f"))  # 1 + 3
     for (logits, _), (logits_ref, _) in zip(got, expected, strict=True):
         torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
     for h in handles:
@@ -102,6 +107,7 @@ def test_forward_hooks_still_see_every_decode_step(monkeypatch):
     with torch.no_grad():  # no hooks left: the next step binds those blocks again
         model(ids[:, -1:], state=state)
     assert all(step is not None for step in state.fused_decode.steps[:3]) and state.fused_decode.head is not None
+    assert state.fused_decode.ffn_steps[3] is not None
 
 
 @pytest.mark.parametrize("preset", ["mamba-tiny", "mamba2-tiny"])
@@ -143,3 +149,22 @@ def test_a_hooked_embedding_takes_the_block_path(monkeypatch):
     with torch.no_grad():
         model(ids[:, -1:], state=state)
     assert state.fused_decode.stack is not None
+
+
+@pytest.mark.parametrize("kind,normalize", [("mlp", False), ("moe", False), ("moe", True)])
+def test_a_feed_forward_step_equals_its_modules(kind, normalize):
+    # hidden + ffn(norm(hidden)) and MoE's load-balancing loss, over tokens routed to different experts
+    from hybridlm.layers import FEED_FORWARDS, RMSNorm
+    from hybridlm.ops.ffn_step_numba import bind_ffn_step
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(ModelConfig.preset("jamba-tiny"), moe_normalize_topk=normalize)
+    ffn, norm = FEED_FORWARDS[kind](config), RMSNorm(config.d_model, config.norm_eps)
+    for p in (*ffn.parameters(), norm.weight):
+        torch.nn.init.normal_(p, std=0.5)
+    hidden = torch.randn(5, config.d_model)
+    with torch.no_grad():
+        y, aux = ffn(norm(hidden)[:, None])
+        out, loss = bind_ffn_step(ffn, norm)(hidden.numpy())
+    torch.testing.assert_close(torch.from_numpy(out), hidden + y[:, 0], atol=1e-5, rtol=1e-5)
+    assert loss == (0.0 if aux is None else pytest.approx(aux.item(), rel=1e-6))

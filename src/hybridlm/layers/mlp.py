@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 
 class GatedMLP(nn.Module):
+    kind = "mlp"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = Linear(config.d_model, config.d_ff, bias=False)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 
 class MoE(nn.Module):
+    kind = "moe"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.normalize_topk = config.n_experts, config.top_k, config.moe_normalize_topk

@@ -27,6 +27,8 @@ from torch.nn.modules import module as torch_module
 
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
+from hybridlm.ops.ffn_step_numba import bind_ffn_step
+from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
 from hybridlm.ops.gemv import linear as linear_gemv
 from hybridlm.ops.gemv import norm_linear
 from hybridlm.ops.mamba_step_numba import (
@@ -81,12 +83,15 @@ class FusedDecode:
         self.blocks = list(model.layers)
         self.backends = os.environ.get(dispatch.ENV_VAR)
         self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
+        self.ffn_steps = [self._bind_ffn(block) for block in self.blocks]
+        self.bound_moe = any(step is not None and ffn_step is not None and block.ffn.kind == "moe"
+                             for block, step, ffn_step in zip(self.blocks, self.steps, self.ffn_steps, strict=True))
         head = self._head_arguments(model)
         self.head = None if head is None else partial(norm_linear, *head)
         self.stack = None if head is None else self._bind_stack(model, state, head)
         # How many hooks each had: one added or removed later, and the blocks are bound again
         watched = (model.embedding, model.norm_f, model.lm_head,
-                   *(m for b in self.blocks for m in (b, b.mixer, b.norm)))
+                   *(m for b in self.blocks for m in (b, b.mixer, b.norm, b.ffn, b.ffn_norm) if m is not None))
         self.hook_dicts = _GLOBAL_HOOKS + _hook_dicts(watched)
         self.hook_counts = tuple(map(len, self.hook_dicts))
 
@@ -98,6 +103,15 @@ class FusedDecode:
                                                                                              block.norm):
             return None
         return bind(block.mixer, layer_state, block.norm)
+
+    @staticmethod
+    def _bind_ffn(block: nn.Module) -> Callable | None:
+        # The block's feed-forward half as one call, where the dispatch would take the matrix-vector kernel for its
+        # SwiGLU products and neither the feed-forward nor its norm is hooked
+        if (block.ffn is None or dispatch.kernel("gated_mlp", torch.device("cpu")) is not gated_mlp_gemv
+                or hooked(block.ffn, block.ffn_norm)):
+            return None
+        return bind_ffn_step(block.ffn, block.ffn_norm)
 
     @staticmethod
     def _head_arguments(model: HybridLM) -> tuple | None:
@@ -143,20 +157,27 @@ class FusedDecode:
         x = self.model.embedding(input_ids)
         b = x.shape[0]
         hidden = x.detach().contiguous().numpy().reshape(b, -1)
-        aux_loss = None
-        for block, step, layer_state in zip(self.blocks, self.steps, self.layer_states, strict=True):
+        aux_loss, moe_loss = None, 0.0  # the bound feed-forwards' losses add up as Python floats
+        for block, step, ffn_step, layer_state in zip(self.blocks, self.steps, self.ffn_steps, self.layer_states,
+                                                      strict=True):
             aux = None
             if step is None:
                 out, aux = block(torch.from_numpy(hidden).view(b, 1, -1), layer_state)
                 hidden = out.contiguous().numpy().reshape(b, -1)
             else:
                 hidden = step(hidden)
-                if block.ffn is not None:
+                if ffn_step is not None:
+                    hidden, loss = ffn_step(hidden)
+                    moe_loss += loss
+                elif block.ffn is not None:
                     h = torch.from_numpy(hidden).view(b, 1, -1)
                     y, aux = block.ffn(block.ffn_norm(h))
                     hidden = (h + y).numpy().reshape(b, -1)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
+        if self.bound_moe:
+            moe = torch.tensor(moe_loss, dtype=torch.float32)
+            aux_loss = moe if aux_loss is None else aux_loss + moe
         return self.logits(torch.from_numpy(hidden).view(b, 1, -1)), aux_loss
 
 

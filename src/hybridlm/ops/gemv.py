@@ -59,9 +59,10 @@ def gemv_into(Ws, x, biases, has_bias, ys):  # pragma: no cover - compiled
         gemv_row(Ws, x, biases, has_bias, ys, r)
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def _gated_mlp(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
-    # x: (b, d)  W_gate, W_up: (f, d)  W_down: (o, f) -> out: (b, o) = (silu(x W_gate^T) * x W_up^T) W_down^T
+@njit(cache=True, inline="always", fastmath={"contract", "arcp", "nsz", "reassoc"})
+def swiglu_rows(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
+    # x: (b, d)  W_gate, W_up: (f, d)  W_down: (o, f) -> out: (b, o) = (silu(x W_gate^T) * x W_up^T) W_down^T; its
+    # loops run in parallel in the parallel kernels that inline this
     hidden = np.empty((x.shape[0], W_gate.shape[0]), dtype=np.float32)
     for i in prange(W_gate.shape[0]):  # a gate row and an up row per step: the product needs both
         for b in range(x.shape[0]):
@@ -70,6 +71,12 @@ def _gated_mlp(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
     for r in prange(W_down.shape[0]):
         for b in range(x.shape[0]):
             out[b, r] = row_dot(W_down, r, hidden, b)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
+def _gated_mlp(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
+    # x: (b, d) -> out: (b, o), swiglu_rows in one call
+    swiglu_rows(x, W_gate, W_up, W_down, out)
 
 
 @njit(cache=True, inline="always", fastmath={"contract", "arcp", "nsz", "reassoc"})
