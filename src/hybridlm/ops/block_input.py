@@ -50,8 +50,13 @@ def fused_call_applies(x: torch.Tensor, *modules: nn.Module | None) -> bool:
     record (the kernels have no backward)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters()))
+    return not (x.requires_grad and torch.is_grad_enabled()) and not records_autograd(*modules)
+
+
+def records_autograd(*modules: nn.Module | None) -> bool:
+    """Whether autograd would record a pass through ``modules`` (grad enabled and a parameter requiring it): the
+    fused kernels have no backward, so they step aside."""
+    return torch.is_grad_enabled() and any(p.requires_grad for m in modules if m is not None for p in m.parameters())
 
 
 def call_fused_step(bind: Callable, fallback: Callable, x: torch.Tensor, mixer: nn.Module, state: object,

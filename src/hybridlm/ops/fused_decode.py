@@ -27,6 +27,7 @@ from torch.nn.modules import module as torch_module
 
 from hybridlm.ops import dispatch
 from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
+from hybridlm.ops.block_input import records_autograd
 from hybridlm.ops.ffn_step_numba import bind_ffn_step
 from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
 from hybridlm.ops.gemv import linear as linear_gemv
@@ -126,9 +127,11 @@ class FusedDecode:
     def _bind_stack(self, model: HybridLM, state: InferenceState, head: tuple) -> Callable | None:
         # The whole step as one call (ids (b,) -> logits (b, vocab)) where every block is bound, of one kind with a
         # stack binder, with no feed-forward, and the embedding is not hooked
-        kinds = {block.mixer.kind for block in self.blocks}
-        stack = BINDERS[kinds.pop()][3] if len(kinds) == 1 and kinds <= BINDERS.keys() else None
-        if (stack is None or None in self.steps or any(block.ffn is not None for block in self.blocks)
+        if None in self.steps:
+            return None
+        kind = self.blocks[0].mixer.kind  # every block is bound, so its kind has a binder
+        stack = BINDERS[kind][3]
+        if (stack is None or any(block.mixer.kind != kind or block.ffn is not None for block in self.blocks)
                 or hooked(model.embedding)):
             return None
         return stack(self.blocks, self.layer_states, numpy_views(model.embedding)["weight"], *head)
@@ -184,8 +187,8 @@ class FusedDecode:
 def fused_decode(model: HybridLM, state: InferenceState, input_ids: torch.Tensor) -> FusedDecode | None:
     """The bound decode step of ``model`` with ``state`` for one token a sequence (``input_ids`` (b, 1), on CPU),
     made at the first step and kept on the state while nothing was replaced; None outside float32 inference."""
-    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
-        return None  # the kernels have no backward
+    if records_autograd(model):
+        return None
     views = numpy_views(model)  # the weights' check, once a token; None unless all are float32 CPU tensors
     if views is None:
         return None
