@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hybridlm import HybridLM, ModelConfig, ops
 from hybridlm.layers import RMSNorm
-from hybridlm.ops import dispatch
+from hybridlm.ops import dispatch, onednn_gemm
 from hybridlm.ops.fast_math import vexp_array
 from hybridlm.ops.selective_scan_numba import SelectiveScanFn, selective_scan_numba
 from hybridlm.ops.selective_scan_reference import selective_scan_reference
@@ -179,6 +180,51 @@ def test_gemv_linears_equal_f_linear_for_each_matrix():
         out = linears(x, (ws[0], strided), (None, None))
     torch.testing.assert_close(out[1], x @ strided.T)
 
+
+
+@pytest.mark.skipif(not onednn_gemm.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
+def test_onednn_linear_equals_f_linear_and_steps_aside_for_autograd_and_other_dtypes():
+    w, bias = torch.randn(37, 29), torch.randn(37)
+    wide = torch.randn(64, 40)
+    cases = [torch.randn(64, 29), torch.randn(2, 33, 29), wide[:, 3:32]]  # 2-d, 3-d, rows with a stride
+    with torch.no_grad():
+        for x in cases:
+            assert onednn_gemm.onednn_applies(x, w, bias)
+            torch.testing.assert_close(onednn_gemm.linear(x, w, bias), F.linear(x, w, bias))
+            torch.testing.assert_close(onednn_gemm.linear(x, w), x @ w.T)
+        strided_w = torch.randn(29, 37).t()  # (out, in) as a transposed view
+        torch.testing.assert_close(onednn_gemm.linear(cases[0], strided_w), cases[0] @ strided_w.T)
+        for dtype in (torch.float64, torch.bfloat16):
+            x64 = cases[0].to(dtype)
+            assert not onednn_gemm.onednn_applies(x64, w.to(dtype))
+            assert torch.equal(onednn_gemm.linear(x64, w.to(dtype)), F.linear(x64, w.to(dtype)))
+        assert not onednn_gemm.onednn_applies(torch.randn(0, 29), w)
+    x = torch.randn(64, 29, requires_grad=True)
+    assert not onednn_gemm.onednn_applies(x, w)  # no backward in oneDNN's op: F.linear records the graph
+    onednn_gemm.linear(x, w, bias).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(64, 29))
+    w_param = torch.nn.Parameter(w.clone())
+    assert not onednn_gemm.onednn_applies(cases[0], w_param)
+    with torch.no_grad():
+        assert onednn_gemm.onednn_applies(cases[0], w_param)
+
+
+@pytest.mark.skipif(not onednn_gemm.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
+def test_many_row_products_of_the_dispatch_go_through_onednn(monkeypatch):
+    calls = []
+
+    def spy(x, weight, bias=None):
+        calls.append(tuple(x.shape))
+        return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(onednn_gemm, "linear", spy)
+    x, w = torch.randn(9, 29), torch.randn(37, 29)
+    with torch.no_grad():
+        ops.linear(x, w)
+        ops.linears(x, (w, w), (None, None))
+        ops.gated_mlp(x, w, w, torch.randn(11, 37))
+        ops.linear(x[:1], w)  # a decode row: the matrix-vector kernel
+    assert calls == [(9, 29)] * 3 + [(9, 29), (9, 29), (9, 37)]
 
 def test_gemv_gated_mlp_equals_the_swiglu_formula():
     from hybridlm.ops.gemv import fast_gemv_applies, gated_mlp

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.ssm_init import dt_bias_init
 
@@ -46,15 +46,15 @@ class Mamba(nn.Module):
         super().__init__()
         d_model, d_inner, n = config.d_model, config.d_inner, config.d_state
         self.d_inner, self.d_state, self.dt_rank = d_inner, n, config.dt_rank
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=config.proj_bias)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=config.proj_bias)
         self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1,
                                 bias=config.conv_bias)
-        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.x_proj = Linear(d_inner, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = Linear(self.dt_rank, d_inner, bias=True)
         # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel, stored as log(-A).
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.out_proj = nn.Linear(d_inner, d_model, bias=config.proj_bias)
+        self.out_proj = Linear(d_inner, d_model, bias=config.proj_bias)
         if config.mamba_inner_norms:
             self.dt_layernorm = RMSNorm(self.dt_rank, config.norm_eps)
             self.b_layernorm = RMSNorm(n, config.norm_eps)
@@ -83,7 +83,7 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        return F.linear(dt, self.dt_proj.weight), B, C
+        return ops.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -7,11 +7,13 @@ Public ops (shapes in each backend's docstring):
     causal_conv1d_step                      backends: torch
     mamba_step       Mamba-1 decode step    backends: numba (CPU, float32, fused), torch
     mamba2_step      Mamba-2 decode step    backends: numba (CPU, float32, fused), torch
-    linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows), torch
+    linear           x @ W.T (+ b)          backends: gemv (numba matrix-vector product for decode rows; oneDNN's
+                                            GEMM for more rows on x86, see onednn_gemm), torch
     linears          x @ W_m.T (+ b_m) for several W_m in one pass    backends: gemv, torch
     rms_norm         w * x / sqrt(mean(x^2) + eps) over the last dim   backends: numba (decode rows), torch
     gated_rms_norm   Mamba-2's w * rmsnorm(y * silu(z)) by group       backends: numba (CPU inference), torch
-    gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows), torch
+    gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows;
+                                                                       oneDNN's GEMMs for more), torch
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
     attention_step   attention decode step (q/k/v, rotary, cache write, attention, o_proj)
                                                                        backends: numba (CPU, float32, fused), torch

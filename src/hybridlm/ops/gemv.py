@@ -3,11 +3,11 @@
 Decoding one token reads every weight once, so its speed is bytes / read bandwidth. On this machine (2
 threads, fp32) ``torch.mv`` / ``F.linear`` with one row read weights at 10-18 GB/s, while a numba ``prange``
 loop over output rows, each a vectorised dot product, reads them at ~30 GB/s, the machine's streaming rate.
-``linear`` takes that path when it applies (CPU, float32, at most ``MAX_ROWS`` rows, no autograd) and is
-``F.linear`` otherwise. ``linears`` multiplies one input by several matrices (attention's q, k, v) in a single
-parallel loop: with sleeping OpenMP waiters (``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up
-of the thread pool, measured here at tens to a hundred microseconds. ``gated_mlp`` is a whole SwiGLU
-feed-forward in two such loops.
+``linear`` takes that path when it applies (CPU, float32, at most ``MAX_ROWS`` rows, no autograd) and is a
+GEMM otherwise (oneDNN's where it applies, see ``onednn_gemm``; else ``F.linear``). ``linears`` multiplies one
+input by several matrices (attention's q, k, v) in a single parallel loop: with sleeping OpenMP waiters
+(``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up of the thread pool, measured here at tens to
+a hundred microseconds. ``gated_mlp`` is a whole SwiGLU feed-forward in two such loops.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from hybridlm.ops import onednn_gemm
 from hybridlm.ops.block_input import block_input
 from hybridlm.ops.fast_math import vexp
 from hybridlm.ops.projections import gated_mlp_torch, linears_torch
@@ -120,7 +121,7 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
             ) -> tuple[torch.Tensor, ...]:
     # x: (..., i)  weights[m]: (o_m, i)  biases[m]: (o_m,) or None -> ((..., o_m) for each m)
     if not fast_gemv_applies(x, *weights):
-        return linears_torch(x, weights, biases)
+        return linears_torch(x, weights, biases, onednn_gemm.linear)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     ys = tuple(torch.empty(rows.shape[0], w.shape[0], dtype=torch.float32) for w in weights)
     gemv_into(tuple(w.detach().numpy() for w in weights), rows.numpy(),
@@ -137,7 +138,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     # x: (..., d)  w_gate, w_up: (f, d)  w_down: (o, f) -> (..., o)
     if not fast_gemv_applies(x, w_gate, w_up, w_down):
-        return gated_mlp_torch(x, w_gate, w_up, w_down)
+        return gated_mlp_torch(x, w_gate, w_up, w_down, onednn_gemm.linear)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     out = torch.empty(rows.shape[0], w_down.shape[0], dtype=torch.float32)
     _gated_mlp(rows.numpy(), w_gate.detach().numpy(), w_up.detach().numpy(), w_down.detach().numpy(), out.numpy())
