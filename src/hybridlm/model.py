@@ -16,6 +16,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig
+from hybridlm.huge_pages import place_parameters
 from hybridlm.layers import FEED_FORWARDS, MIXERS, MoE, RMSNorm
 from hybridlm.layers.linear import Linear
 from hybridlm.ops.fused_decode import hooked
@@ -74,6 +75,7 @@ class HybridLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
+        place_parameters(self)  # decode streams the weights every token: huge pages spare it most TLB misses
 
     # ------------------------------------------------------------------------------------------- init
     def reset_parameters(self) -> None:
