@@ -50,7 +50,8 @@ def main() -> None:
     with torch.no_grad():
         for m, k, n in SHAPES:
             x, w = torch.randn(m, k), torch.randn(n, k) * k**-0.5
-            t_torch, t_onednn = _pair_medians(lambda: F.linear(x, w), lambda: onednn_gemm.linear(x, w), args.pairs)
+            t_torch, t_onednn = _pair_medians(lambda x=x, w=w: F.linear(x, w),
+                                              lambda x=x, w=w: onednn_gemm.linear(x, w), args.pairs)
             flops = 2 * m * k * n
             row = dict(rows=m, in_features=k, out_features=n, torch_gflops=flops / t_torch / 1e9,
                        onednn_gflops=flops / t_onednn / 1e9, time_ratio=t_onednn / t_torch)

@@ -1,10 +1,10 @@
 """Many-row linear products on x86 CPUs through oneDNN's GEMM rather than torch's default BLAS.
 
-For float32 on a CPU, ``F.linear`` calls MKL's sgemm. On the 2-core AMD EPYC this project is measured on, that
-reached 133-195 GFLOP/s at a 130M model's prefill shapes (1024 rows, 768 -> 3352 and 1536 -> 768), while
-oneDNN's JIT GEMM, which torch ships for its own fused CPU ops (``torch.ops.mkldnn._linear_pointwise``), reached
-197-212 on the same shapes in the same process: a 0.66-0.92x time per product, and 0.69-0.80x at 8-128 rows
-(``python benchmarks/gemm_backends.py``). A prefill spends most of its time in these products.
+For float32 on a CPU, ``F.linear`` calls MKL's sgemm. On the 2-core AMD EPYC this project is measured on,
+oneDNN's JIT GEMM, which torch ships for its own fused CPU ops (``torch.ops.mkldnn._linear_pointwise``), took
+0.70-0.91x sgemm's time at a 130M model's prefill shapes (1024-4096 rows, 768 -> 3352, 1536 -> 768, ...) and
+0.62-0.85x at 8-128 rows, in interleaved pairs in one process (``python benchmarks/gemm_backends.py``, two
+runs). A prefill spends most of its time in these products.
 
 ``linear`` is ``F.linear`` with that GEMM where it applies (x86, float32, no autograd to record); elsewhere it is
 ``F.linear`` itself. The results differ from MKL's by float32 rounding (a different summation order).
@@ -17,9 +17,19 @@ import platform
 import torch
 import torch.nn.functional as F
 
-# Measured on x86 only; elsewhere (Arm, Apple) torch's BLAS stays.
-AVAILABLE = (platform.machine().lower() in {"x86_64", "amd64"} and torch.backends.mkldnn.is_available()
-             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+def _probe() -> bool:
+    # The op is torch's own (private) entry to oneDNN: use it only where it exists and gives F.linear's result.
+    if not (platform.machine().lower() in {"x86_64", "amd64"} and torch.backends.mkldnn.is_available()):
+        return False  # measured on x86 only; elsewhere (Arm, Apple) torch's BLAS stays
+    x, w, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3), torch.ones(4)
+    try:
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), F.linear(x, w, b))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+AVAILABLE = _probe()
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
