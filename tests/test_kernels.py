@@ -527,6 +527,8 @@ def test_fused_attention_step_equals_torch_step(config, monkeypatch):
     (1, 4, 4, 16, 1, 8, False),     # the first token: one key
     (2, 8, 2, 16, 37, 50, True),    # GQA, left padding marked invalid
     (3, 6, 3, 64, 130, 130, False),  # a full cache
+    (2, 12, 4, 16, 600, 640, True),   # GQA heads sharing each KV head in one task, keys over several blocks
+    (1, 12, 1, 16, 300, 300, False),  # MQA: the one KV head's heads split so both threads have a task
 ])
 def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, padded):
     from hybridlm.ops.attention import decode_attention_torch
@@ -547,6 +549,17 @@ def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, pad
     half = [t.to(torch.bfloat16) for t in (q, k, v)]  # outside its domain: SDPA itself
     expected = decode_attention_torch(*half, length, valid)
     torch.testing.assert_close(decode_attention_numba(*half, length, valid), expected)
+
+
+def test_heads_per_task_shares_each_kv_head_while_every_thread_has_a_task():
+    from hybridlm.ops.attention_numba import heads_per_task
+
+    assert heads_per_task(batch=1, n_heads=12, n_kv=4, threads=2) == 3  # jamba-130m: one task per KV head
+    assert heads_per_task(batch=1, n_heads=12, n_kv=12, threads=2) == 1  # no sharing to gain
+    assert heads_per_task(batch=1, n_heads=12, n_kv=1, threads=2) == 6  # MQA: split in two
+    assert heads_per_task(batch=1, n_heads=12, n_kv=2, threads=4) == 3  # 2 KV heads x 2 parts
+    assert heads_per_task(batch=1, n_heads=12, n_kv=2, threads=8) == 1  # 12 one-head tasks: fewer leave threads idle
+    assert heads_per_task(batch=4, n_heads=12, n_kv=1, threads=4) == 12
 
 
 # ------------------------------------------------------------------------------------ numpy views

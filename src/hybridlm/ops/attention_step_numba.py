@@ -12,11 +12,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops.attention_numba import attend_head
+from hybridlm.ops.attention_numba import attend_heads, heads_per_task
 from hybridlm.ops.attention_step import attention_step_torch
 from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, call_fused_step
 from hybridlm.ops.gemv import gemv_row
@@ -42,11 +43,13 @@ def _rotate_(v, n_heads, d, position, inv_freq):  # pragma: no cover - compiled
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
 def _attention_step(residual, block_norm_w, block_norm_eps, W_qkv, b_qkv, has_bias, inv_freq, rotary, W_o, b_o,
-                    positions, k_cache, v_cache, length, key_valid, masked, hidden):  # pragma: no cover - compiled
+                    per_task, positions, k_cache, v_cache, length, key_valid, masked, hidden
+                    ):  # pragma: no cover - compiled
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
     # W_qkv: (W_q (h d, d_model), W_k (h_kv d, d_model), W_v (same))  positions: (b,) int64
     # k_cache, v_cache: (b, h_kv, capacity, d), the new key/value written at ``length``  key_valid: (b, capacity)
-    # W_o: (d_model, h d)  has_bias: (4,) bool for q, k, v, o -> out: (b, d_model)
+    # W_o: (d_model, h d)  has_bias: (4,) bool for q, k, v, o  per_task: query heads a task (see attend_heads)
+    # -> out: (b, d_model)
     x = block_input(hidden, residual, block_norm_w, block_norm_eps)
     out = np.empty_like(hidden)
     batch = x.shape[0]
@@ -67,8 +70,8 @@ def _attention_step(residual, block_norm_w, block_norm_eps, W_qkv, b_qkv, has_bi
                 v_cache[b, g, length, t] = v[b, g * d + t]
     y = np.empty((batch, n_heads, d), dtype=np.float32)
     q_heads = q.reshape(batch, n_heads, d)
-    for task in prange(batch * n_heads):
-        attend_head(q_heads, k_cache, v_cache, length + 1, key_valid, masked, y, task)
+    for task in prange(batch * n_heads // per_task):
+        attend_heads(q_heads, k_cache, v_cache, length + 1, key_valid, masked, y, task, per_task)
     y_flat = y.reshape(batch, n_heads * d)
     for r in prange(out.shape[1]):
         gemv_row((W_o,), y_flat, (b_o,), has_bias[3:], (out,), r)
@@ -99,7 +102,8 @@ def bind_attention_step(mixer: Attention, state: KVCache, norm: RMSNorm | None =
     block = block_arguments(norm)
     if args is None or block is None or state.k.dtype != torch.float32 or state.k.device.type != "cpu":
         return None
-    kernel = partial(_attention_step, *block, *args)
+    per_task = heads_per_task(state.k.shape[0], mixer.n_heads, mixer.n_kv_heads, numba.get_num_threads())
+    kernel = partial(_attention_step, *block, *args, per_task)
 
     def step(hidden: np.ndarray) -> np.ndarray:
         state.reserve(1)  # may move the cache: its arrays are looked up on every call
