@@ -54,10 +54,11 @@ def place_parameters(module: nn.Module, min_bytes: int | None = None) -> bool:
         return False
     arena = huge_page_bytes(sum(sizes))
     offset = 0
+    # One parameter at a time, each old storage freed once copied: the peak is the model plus one parameter.
     with torch.no_grad():
         for p, size in zip(movable, sizes, strict=True):
             placed = arena[offset:offset + p.nbytes].view(p.dtype).view(p.shape)
-            placed.copy_(p)  # one at a time, each old storage freed after its copy: peak is one parameter over
+            placed.copy_(p)
             p.data = placed
             offset += size
     return True
