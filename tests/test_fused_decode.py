@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.decode import FusedDecode
 from hybridlm.ops import dispatch
-from hybridlm.ops.fused_decode import FusedDecode
 
 PRESETS = ["mamba-tiny", "mamba2-tiny", "llama-tiny", "jamba-tiny"]
 
@@ -155,7 +155,6 @@ def test_a_hooked_embedding_takes_the_block_path(monkeypatch):
 def test_a_feed_forward_step_equals_its_modules(kind, normalize):
     # hidden + ffn(norm(hidden)) and MoE's load-balancing loss, over tokens routed to different experts
     from hybridlm.layers import FEED_FORWARDS, RMSNorm
-    from hybridlm.ops.ffn_step_numba import bind_ffn_step
 
     torch.manual_seed(0)
     config = dataclasses.replace(ModelConfig.preset("jamba-tiny"), moe_normalize_topk=normalize)
@@ -165,6 +164,6 @@ def test_a_feed_forward_step_equals_its_modules(kind, normalize):
     hidden = torch.randn(5, config.d_model)
     with torch.no_grad():
         y, aux = ffn(norm(hidden)[:, None])
-        out, loss = bind_ffn_step(ffn, norm)(hidden.numpy())
+        out, loss = ffn.bind_step(norm)(hidden.numpy())
     torch.testing.assert_close(torch.from_numpy(out), hidden + y[:, 0], atol=1e-5, rtol=1e-5)
     assert loss == (0.0 if aux is None else pytest.approx(aux.item(), rel=1e-6))

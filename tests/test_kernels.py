@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from hybridlm import HybridLM, ModelConfig, ops
 from hybridlm.layers import RMSNorm
-from hybridlm.ops import dispatch, onednn_gemm
+from hybridlm.ops import dispatch
 from hybridlm.ops.fast_math import vexp_array
-from hybridlm.ops.selective_scan_numba import SelectiveScanFn, selective_scan_numba
-from hybridlm.ops.selective_scan_reference import selective_scan_reference
+from hybridlm.ops.gemm import onednn
+from hybridlm.ops.scan.numba_ops import SelectiveScanFn, selective_scan_numba
+from hybridlm.ops.scan.reference import selective_scan_reference
 
 
 def test_vexp_matches_exp_to_float32_rounding():
@@ -143,7 +144,7 @@ def test_ops_selective_scan_uses_the_dispatched_kernel():
 
 # ----------------------------------------------------------------------------------------------- decode
 def test_gemv_linear_equals_f_linear_and_falls_back_outside_its_domain():
-    from hybridlm.ops.gemv import fast_gemv_applies, linear
+    from hybridlm.ops.gemm.numba_ops import fast_gemv_applies, linear
 
     w, bias = torch.randn(37, 29), torch.randn(37)
     for rows in [(29,), (1, 29), (3, 1, 29)]:
@@ -161,7 +162,7 @@ def test_gemv_linear_equals_f_linear_and_falls_back_outside_its_domain():
 
 
 def test_gemv_linears_equal_f_linear_for_each_matrix():
-    from hybridlm.ops.gemv import fast_gemv_applies, linears
+    from hybridlm.ops.gemm.numba_ops import fast_gemv_applies, linears
 
     ws = (torch.randn(37, 29), torch.randn(5, 29), torch.randn(64, 29))
     bs = (torch.randn(37), None, torch.randn(64))
@@ -182,34 +183,34 @@ def test_gemv_linears_equal_f_linear_for_each_matrix():
 
 
 
-@pytest.mark.skipif(not onednn_gemm.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
+@pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
 def test_onednn_linear_equals_f_linear_and_steps_aside_for_autograd_and_other_dtypes():
     w, bias = torch.randn(37, 29), torch.randn(37)
     wide = torch.randn(64, 40)
     cases = [torch.randn(64, 29), torch.randn(2, 33, 29), wide[:, 3:32]]  # 2-d, 3-d, rows with a stride
     with torch.no_grad():
         for x in cases:
-            assert onednn_gemm.onednn_applies(x, w, bias)
-            torch.testing.assert_close(onednn_gemm.linear(x, w, bias), F.linear(x, w, bias))
-            torch.testing.assert_close(onednn_gemm.linear(x, w), x @ w.T)
+            assert onednn.onednn_applies(x, w, bias)
+            torch.testing.assert_close(onednn.linear(x, w, bias), F.linear(x, w, bias))
+            torch.testing.assert_close(onednn.linear(x, w), x @ w.T)
         strided_w = torch.randn(29, 37).t()  # (out, in) as a transposed view
-        torch.testing.assert_close(onednn_gemm.linear(cases[0], strided_w), cases[0] @ strided_w.T)
+        torch.testing.assert_close(onednn.linear(cases[0], strided_w), cases[0] @ strided_w.T)
         for dtype in (torch.float64, torch.bfloat16):
             x64 = cases[0].to(dtype)
-            assert not onednn_gemm.onednn_applies(x64, w.to(dtype))
-            assert torch.equal(onednn_gemm.linear(x64, w.to(dtype)), F.linear(x64, w.to(dtype)))
-        assert not onednn_gemm.onednn_applies(torch.randn(0, 29), w)
+            assert not onednn.onednn_applies(x64, w.to(dtype))
+            assert torch.equal(onednn.linear(x64, w.to(dtype)), F.linear(x64, w.to(dtype)))
+        assert not onednn.onednn_applies(torch.randn(0, 29), w)
     x = torch.randn(64, 29, requires_grad=True)
-    assert not onednn_gemm.onednn_applies(x, w)  # no backward in oneDNN's op: F.linear records the graph
-    onednn_gemm.linear(x, w, bias).sum().backward()
+    assert not onednn.onednn_applies(x, w)  # no backward in oneDNN's op: F.linear records the graph
+    onednn.linear(x, w, bias).sum().backward()
     torch.testing.assert_close(x.grad, w.sum(0).expand(64, 29))
     w_param = torch.nn.Parameter(w.clone())
-    assert not onednn_gemm.onednn_applies(cases[0], w_param)
+    assert not onednn.onednn_applies(cases[0], w_param)
     with torch.no_grad():
-        assert onednn_gemm.onednn_applies(cases[0], w_param)
+        assert onednn.onednn_applies(cases[0], w_param)
 
 
-@pytest.mark.skipif(not onednn_gemm.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
+@pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN's linear is used on x86 builds of torch only")
 def test_many_row_products_of_the_dispatch_go_through_onednn(monkeypatch):
     calls = []
 
@@ -217,7 +218,7 @@ def test_many_row_products_of_the_dispatch_go_through_onednn(monkeypatch):
         calls.append(tuple(x.shape))
         return F.linear(x, weight, bias)
 
-    monkeypatch.setattr(onednn_gemm, "linear", spy)
+    monkeypatch.setattr(onednn, "linear", spy)
     x, w = torch.randn(9, 29), torch.randn(37, 29)
     with torch.no_grad():
         ops.linear(x, w)
@@ -227,7 +228,7 @@ def test_many_row_products_of_the_dispatch_go_through_onednn(monkeypatch):
     assert calls == [(9, 29)] * 3 + [(9, 29), (9, 29), (9, 37)]
 
 def test_gemv_gated_mlp_equals_the_swiglu_formula():
-    from hybridlm.ops.gemv import fast_gemv_applies, gated_mlp
+    from hybridlm.ops.gemm.numba_ops import fast_gemv_applies, gated_mlp
 
     assert ops.dispatch.kernel("gated_mlp", torch.device("cpu")) is gated_mlp
     w_gate, w_up, w_down = torch.randn(37, 29), torch.randn(37, 29), torch.randn(11, 37)
@@ -249,8 +250,8 @@ def test_gemv_gated_mlp_equals_the_swiglu_formula():
 
 
 def test_rms_norm_numba_equals_the_torch_op_and_keeps_autograd():
-    from hybridlm.ops.rms_norm import rms_norm_torch
-    from hybridlm.ops.rms_norm_numba import MAX_ROWS, rms_norm_numba
+    from hybridlm.ops.norm.numba_ops import MAX_ROWS, rms_norm_numba
+    from hybridlm.ops.norm.torch_ops import rms_norm_torch
 
     assert ops.dispatch.kernel("rms_norm", torch.device("cpu")) is rms_norm_numba
     weight = torch.nn.Parameter(torch.randn(29))
@@ -269,6 +270,20 @@ def test_rms_norm_numba_equals_the_torch_op_and_keeps_autograd():
     assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+def _torch_step(x, mixer, state, norm):
+    # x: (b, d_model) -> the mixer's torch decode step, or with ``norm`` the block's x + mixer(norm(x))
+    if norm is None:
+        return mixer.step(x[:, None], state)[:, 0]
+    return x + mixer.step(norm(x)[:, None], state)[:, 0]
+
+
+def _fused_step(x, mixer, state, norm):
+    # x: (b, d_model) -> the same through the mixer's bound kernel
+    step = mixer.bind_step(state, norm)
+    assert step is not None  # float32 CPU inference: the kernel applies
+    return torch.from_numpy(step(x.contiguous().numpy()))
+
+
 def _random_rms_norm(dim: int) -> RMSNorm:
     norm = RMSNorm(dim, eps=1e-5)
     with torch.no_grad():
@@ -282,9 +297,6 @@ def _random_rms_norm(dim: int) -> RMSNorm:
     dict(d_model=32, n_layers=1, layers="M", ffn="none", conv_bias=False, d_state=16),
 ])
 def test_fused_mamba_step_equals_torch_step(config):
-    from hybridlm.ops.mamba_step import mamba_step_torch
-    from hybridlm.ops.mamba_step_numba import mamba_step_numba
-
     model = HybridLM(ModelConfig(**config)).eval()
     mixer = model.layers[0].mixer
     with torch.no_grad():
@@ -300,8 +312,8 @@ def test_fused_mamba_step_equals_torch_step(config):
         for i in range(4):  # alternately the mixer's step and the block's residual step x + mixer(norm(x))
             x = torch.randn(3, config["d_model"])
             norm = block_norm if i % 2 else None
-            y_ref = mamba_step_torch(x, mixer, states[0], norm)
-            y = mamba_step_numba(x, mixer, states[1], norm)
+            y_ref = _torch_step(x, mixer, states[0], norm)
+            y = _fused_step(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].ssm, states[0].ssm, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].conv, states[0].conv)
@@ -356,8 +368,8 @@ def test_256k_token_prompt_prefills_mamba_130m_under_4_gib():
 def test_causal_conv_numba_and_torch_equal_f_conv1d_forward_and_backward(b, l, c, k, with_bias, with_h0):
     import torch.nn.functional as F
 
-    from hybridlm.ops.causal_conv import causal_conv1d_torch
-    from hybridlm.ops.causal_conv_numba import causal_conv1d_numba
+    from hybridlm.ops.conv.numba_ops import causal_conv1d_numba
+    from hybridlm.ops.conv.torch_ops import causal_conv1d_torch
 
     x, w = torch.randn(b, l, c), torch.randn(c, k)
     bias = torch.randn(c) if with_bias else None
@@ -391,9 +403,6 @@ def test_causal_conv_numba_and_torch_equal_f_conv1d_forward_and_backward(b, l, c
          d_conv=3),
 ])
 def test_fused_mamba2_step_equals_torch_step(config):
-    from hybridlm.ops.mamba_step import mamba2_step_torch
-    from hybridlm.ops.mamba_step_numba import mamba2_step_numba
-
     mixer = HybridLM(ModelConfig(**config)).eval().layers[0].mixer
     with torch.no_grad():
         for p in mixer.parameters():
@@ -407,8 +416,8 @@ def test_fused_mamba2_step_equals_torch_step(config):
         for i in range(4):  # alternately the mixer's step and the block's residual step x + mixer(norm(x))
             x = torch.randn(2, config["d_model"])
             norm = block_norm if i % 2 else None
-            y_ref = mamba2_step_torch(x, mixer, states[0], norm)
-            y = mamba2_step_numba(x, mixer, states[1], norm)
+            y_ref = _torch_step(x, mixer, states[0], norm)
+            y = _fused_step(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].ssm, states[0].ssm, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(states[1].conv, states[0].conv)
@@ -434,8 +443,8 @@ def ssd_case(b, l, h, p, g, n, with_D=True, with_bias=True, with_h0=True, dtype=
     (1, 200, 4, 64, 1, 128, True, True, False),  # mamba2-130m's head and state sizes
 ])
 def test_numba_ssd_equals_reference(b, l, h, p, g, n, with_D, with_bias, with_h0):
-    from hybridlm.ops.ssd_numba import ssd_numba
-    from hybridlm.ops.ssd_reference import ssd_reference
+    from hybridlm.ops.ssd.numba_ops import ssd_numba
+    from hybridlm.ops.ssd.reference import ssd_reference
 
     inp = ssd_case(b, l, h, p, g, n, with_D, with_bias, with_h0)
     ref = {k: v.double() if v is not None else None for k, v in inp.items()}
@@ -452,7 +461,7 @@ def test_numba_ssd_equals_reference(b, l, h, p, g, n, with_D, with_bias, with_h0
 
 
 def test_numba_ssd_split_with_carried_state_equals_whole():
-    from hybridlm.ops.ssd_numba import ssd_numba
+    from hybridlm.ops.ssd.numba_ops import ssd_numba
 
     inp = ssd_case(2, 150, 4, 8, 2, 16, with_h0=False)
     cut = 70
@@ -466,8 +475,8 @@ def test_numba_ssd_split_with_carried_state_equals_whole():
 
 
 def test_numba_ssd_falls_back_to_chunked_for_autograd_and_bf16():
-    from hybridlm.ops.ssd_chunked import ssd_chunked
-    from hybridlm.ops.ssd_numba import ssd_numba
+    from hybridlm.ops.ssd.chunked import ssd_chunked
+    from hybridlm.ops.ssd.numba_ops import ssd_numba
 
     assert dispatch.kernel("ssd", torch.device("cpu")) is ssd_numba
     inp = ssd_case(1, 20, 2, 4, 1, 8)
@@ -490,10 +499,9 @@ def test_numba_ssd_falls_back_to_chunked_for_autograd_and_bf16():
     dict(n_heads=2, attn_bias=True, rope_theta=None),  # biases, no positions (Jamba's attention)
 ])
 def test_fused_attention_step_equals_torch_step(config, monkeypatch):
-    from hybridlm.ops.attention_step import attention_step_torch
-    from hybridlm.ops.attention_step_numba import attention_step_numba
+    from hybridlm.ops.step.attention import attention_step
 
-    assert dispatch.kernel("attention_step", torch.device("cpu")) is attention_step_numba
+    assert ops.step_kernel("attention_step") is attention_step
     model = HybridLM(ModelConfig(d_model=32, n_layers=1, layers="A", ffn="none", **config)).eval()
     mixer = model.layers[0].mixer
     with torch.no_grad():
@@ -512,8 +520,8 @@ def test_fused_attention_step_equals_torch_step(config, monkeypatch):
             norm = block_norm if i % 2 else None
             with monkeypatch.context() as m:  # the oracle: torch throughout (F.linear, SDPA, the norm)
                 m.setenv(dispatch.ENV_VAR, "torch")
-                y_ref = attention_step_torch(x, mixer, states[0], norm)
-            y = attention_step_numba(x, mixer, states[1], norm)
+                y_ref = _torch_step(x, mixer, states[0], norm)
+            y = _fused_step(x, mixer, states[1], norm)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
             ref, fused = states
             assert fused.length == ref.length and torch.equal(fused.n_real, ref.n_real)
@@ -531,8 +539,8 @@ def test_fused_attention_step_equals_torch_step(config, monkeypatch):
     (1, 12, 1, 16, 300, 300, False),  # MQA: the one KV head's heads split so both threads have a task
 ])
 def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, padded):
-    from hybridlm.ops.attention import decode_attention_torch
-    from hybridlm.ops.attention_numba import decode_attention_numba
+    from hybridlm.ops.attention.numba_ops import decode_attention_numba
+    from hybridlm.ops.attention.torch_ops import decode_attention_torch
 
     assert dispatch.kernel("decode_attention", torch.device("cpu")) is decode_attention_numba
     q = torch.randn(b, h, 1, d)
@@ -552,7 +560,7 @@ def test_numba_decode_attention_equals_sdpa(b, h, h_kv, d, length, capacity, pad
 
 
 def test_heads_per_task_shares_each_kv_head_while_every_thread_has_a_task():
-    from hybridlm.ops.attention_numba import heads_per_task
+    from hybridlm.ops.attention.numba_ops import heads_per_task
 
     assert heads_per_task(batch=1, n_heads=12, n_kv=4, threads=2) == 3  # jamba-130m: one task per KV head
     assert heads_per_task(batch=1, n_heads=12, n_kv=12, threads=2) == 1  # no sharing to gain
@@ -564,7 +572,7 @@ def test_heads_per_task_shares_each_kv_head_while_every_thread_has_a_task():
 
 # ------------------------------------------------------------------------------------ numpy views
 def test_numpy_views_follow_in_place_changes_and_are_remade_when_a_weight_is_replaced():
-    from hybridlm.ops.numpy_views import numpy_views
+    from hybridlm.layers.numpy_views import numpy_views
 
     model = HybridLM(ModelConfig.preset("llama-tiny")).eval()
     mixer = model.layers[0].mixer
@@ -588,7 +596,7 @@ def test_numpy_views_follow_in_place_changes_and_are_remade_when_a_weight_is_rep
 
 
 def test_kernel_arguments_are_kept_until_the_views_are_remade():
-    from hybridlm.ops.numpy_views import kernel_arguments
+    from hybridlm.layers.numpy_views import kernel_arguments
 
     mixer = HybridLM(ModelConfig.preset("mamba-tiny")).eval().layers[0].mixer
     builds = []
@@ -627,7 +635,8 @@ def test_decode_after_load_state_dict_assign_uses_the_new_weights(preset):
 # ------------------------------------------------------------------------------------ gated RMSNorm
 @pytest.mark.parametrize("n_groups", [1, 4])
 def test_numba_gated_rms_norm_equals_the_torch_form(n_groups):
-    from hybridlm.ops.gated_rms_norm import gated_rms_norm_numba, gated_rms_norm_torch
+    from hybridlm.ops.norm.numba_ops import gated_rms_norm_numba
+    from hybridlm.ops.norm.torch_ops import gated_rms_norm_torch
 
     assert dispatch.kernel("gated_rms_norm", torch.device("cpu")) is gated_rms_norm_numba
     weight = torch.rand(96) + 0.5

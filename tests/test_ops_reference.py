@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from hybridlm import ops
 from hybridlm.ops import dispatch
-from hybridlm.ops.causal_conv import causal_conv1d_step_torch, causal_conv1d_torch
-from hybridlm.ops.selective_scan_reference import selective_scan_reference
-from hybridlm.ops.ssd_chunked import ssd_chunked
-from hybridlm.ops.ssd_reference import ssd_reference
+from hybridlm.ops.conv.torch_ops import causal_conv1d_step_torch, causal_conv1d_torch
+from hybridlm.ops.scan.reference import selective_scan_reference
+from hybridlm.ops.ssd.chunked import ssd_chunked
+from hybridlm.ops.ssd.reference import ssd_reference
 
 
 def scalar_selective_scan(x, dt, A, B, C, D, z, h0):

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlm import ops
 from hybridlm.config import ModelConfig
+from hybridlm.decode import decode_step, is_decode_step
 from hybridlm.huge_pages import place_parameters
 from hybridlm.layers import FEED_FORWARDS, MIXERS, MoE, RMSNorm
 from hybridlm.layers.linear import Linear
-from hybridlm.ops.fused_decode import hooked
 from hybridlm.state import InferenceState
 
 
@@ -48,10 +47,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state=None, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), aux loss of the feed-forward (None unless MoE)
-        if state is not None and x.shape[1] == 1 and mask is None and not hooked(self.mixer, self.norm):
-            x = self.mixer.step(x, state, self.norm)  # a decode step: norm, mixer and residual in one kernel call
-        else:
-            x = x + self.mixer(self.norm(x), state, mask)
+        return self._feed_forward(x + self.mixer(self.norm(x), state, mask), mask)
+
+    def step(self, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x: (b, 1, d_model) -> (b, 1, d_model): one decode step through the modules (``hybridlm.decode`` picks it)
+        return self._feed_forward(x + self.mixer.step(self.norm(x), state), None)
+
+    def _feed_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.ffn is None:
             return x, None
         y, aux = self.ffn(self.ffn_norm(x), mask)
@@ -125,13 +127,10 @@ class HybridLM(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()
-        if state is not None and mask is None and labels is None and input_ids.shape[1] == 1:
-            fused = ops.fused_decode(self, state, input_ids)  # the decode kernels, bound once (CPU, float32)
-            if fused is not None:
-                logits, aux = fused(input_ids)
-                state.seqlen += 1
-                aux_loss = torch.zeros((), dtype=torch.float32)
-                return ModelOutput(logits=logits, loss=None, aux_loss=aux_loss if aux is None else aux_loss + aux)
+        if is_decode_step(input_ids, state, mask, labels):
+            logits, aux_loss = decode_step(self, state, input_ids)
+            state.seqlen += 1
+            return ModelOutput(logits=logits, loss=None, aux_loss=aux_loss)
         x = self.embedding(input_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.layers):

@@ -12,7 +12,8 @@ import torch
 class InferenceState:
     """Per-generation state, filled by a prefill and advanced in place by each decode step.
 
-    ``layers[i]`` is the state of layer ``i``'s mixer (``KVCache``, ``MambaState``, ``Mamba2State``);
+    ``layers[i]`` is the state of layer ``i``'s mixer (a ``KVCache`` or an ``SSMState``; the contract is
+    ``layers.mixer.LayerState``);
     ``kinds[i]`` the mixer's kind. ``seqlen`` counts the positions processed so far (padding included).
     """
 
@@ -21,7 +22,7 @@ class InferenceState:
         self.kinds = kinds
         self.batch_size = batch_size
         self.seqlen = 0
-        self.fused_decode: Any = None  # the model's decode kernels bound to this state (ops.fused_decode)
+        self.fused_decode: Any = None  # the model's decode kernels bound to this state (hybridlm.decode)
 
     def select(self, rows: Sequence[int] | torch.Tensor, capacity: int = 0) -> InferenceState:
         """A new state holding sequences ``rows`` of this one, in that order (for continuous batching:

@@ -210,23 +210,16 @@ def limits(model: HybridLM, machine: Machine, settings: BenchSettings) -> dict[s
         res["prefill"][length] = {"flops_token": flops, "exps_token": exps, "bound_tok_s": 1 / seconds}
     for context in settings.decode_contexts:
         state = model.init_state(1, max_len=0, device="meta")
-        state_bytes = sum(_state_bytes_at(layer, context) for layer in state.layers)
+        state_bytes = sum(layer.nbytes_at(context) for layer in state.layers)
         nbytes = decode_bytes(model, state_bytes)
         res["decode"][context] = {"state_bytes": state_bytes, "bytes_token": nbytes,
                                   "bound_ms": nbytes / (machine.read_gbps * 1e9) * 1e3}
     return res
 
 
-def _state_bytes_at(layer: Any, context: int) -> int:
-    if hasattr(layer, "k"):  # KV cache: keys and values of every position
-        per_position = 2 * layer.k.shape[0] * layer.k.shape[1] * layer.k.shape[3] * layer.k.element_size()
-        return per_position * context
-    return layer.nbytes()
-
-
 def scan_benchmark(machine: Machine, repeats: int) -> dict[str, Any]:
     """The isolated selective scan (batch 1, L 2048, d_inner 1536, d_state 16) against its exp bound."""
-    from hybridlm.ops.selective_scan_numba import selective_scan_numba
+    from hybridlm.ops.scan.numba_ops import selective_scan_numba
 
     b, length, d, n = 1, 2048, 1536, 16
     gen = torch.Generator().manual_seed(0)

@@ -29,10 +29,9 @@ def state_at_context(model: HybridLM, context: int, extra: int = 64) -> Inferenc
     gen = torch.Generator().manual_seed(0)
     for layer in state.layers:
         if isinstance(layer, KVCache):
-            for t in (layer.k, layer.v):
-                t[:, :, :context] = torch.randn(t[:, :, :context].shape, generator=gen, dtype=t.dtype) * 0.5
-            layer.length = context
-            layer.n_real.fill_(context)
+            shape = layer.k[:, :, :context].shape
+            k, v = (torch.randn(shape, generator=gen, dtype=layer.k.dtype) * 0.5 for _ in range(2))
+            layer.append(k, v)
         else:
             for t in (layer.conv, layer.ssm):
                 t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.1)

@@ -2,51 +2,79 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
+import numba
+import numpy as np
 import torch
 from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
+from hybridlm.layers.norm import RMSNorm, block_arguments
+from hybridlm.layers.numpy_views import kernel_arguments
 from hybridlm.layers.rotary import Rotary
-from hybridlm.ops.attention import sdpa
+from hybridlm.ops.attention.numba_ops import heads_per_task
+from hybridlm.ops.attention.torch_ops import sdpa
+from hybridlm.ops.step.attention import NO_MASK, AttentionLayer
+from hybridlm.ops.step.block import EMPTY
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
-    from hybridlm.layers.norm import RMSNorm
+
 
 @dataclass
 class KVCache:
-    """Keys and values of every position seen so far, preallocated and grown in place (amortised)."""
+    """Keys and values of every position seen so far, preallocated and grown in place (amortised).
+
+    ``advance`` is the one place its counters move. Positions from ``length`` on are always marked valid, so a kernel
+    that writes the next position itself (the fused decode step) sees it valid.
+    """
 
     k: torch.Tensor  # (b, h_kv, capacity, d)
     v: torch.Tensor  # (b, h_kv, capacity, d)
     n_real: torch.Tensor  # (b,) real (non-padding) tokens seen per sequence: the next RoPE position
     key_valid: torch.Tensor | None = None  # (b, capacity) bool; None while no padding has been seen
-    length: int = 0
+    length: int = 0  # positions filled
+
+    bound_tensors: ClassVar[tuple[str, ...]] = ()  # none: the cache moves as it grows, a bound step looks it up
 
     def nbytes(self) -> int:
         held = self.k.nbytes + self.v.nbytes
         return held + (0 if self.key_valid is None else self.key_valid.nbytes)
 
+    def nbytes_at(self, context: int) -> int:
+        """Bytes of keys and values after ``context`` tokens (without the padding mask)."""
+        b, h_kv, _, d = self.k.shape
+        return 2 * b * h_kv * d * self.k.element_size() * context
+
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more positions (doubling the capacity when short, so growth is amortised)."""
         if self.length + n > self.k.shape[2]:
             self._grow(max(self.length + n, 2 * self.k.shape[2]))
+        if self.key_valid is not None:  # already so (positions past ``length`` are valid); kept explicit for kernels
+            self.key_valid[:, self.length:self.length + n] = True
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
-        # k, v: (b, h_kv, l, d)   valid: (b, l) bool or None (all real)
-        self.reserve(k.shape[2])
-        new_length = self.length + k.shape[2]
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Write keys and values at the next positions and advance. ``valid``: which are real tokens (None: all)."""
+        # k, v: (b, h_kv, l, d)   valid: (b, l) bool or None
+        n = k.shape[2]
+        self.reserve(n)
         if valid is not None and self.key_valid is None:
             self.key_valid = torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool, device=k.device)
-        self.k[:, :, self.length:new_length] = k
-        self.v[:, :, self.length:new_length] = v
-        if self.key_valid is not None:
-            self.key_valid[:, self.length:new_length] = True if valid is None else valid
-        self.length = new_length
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        if valid is not None:
+            self.key_valid[:, self.length:self.length + n] = valid
+        self.advance(n, valid)
+
+    def advance(self, n: int, valid: torch.Tensor | None = None) -> None:
+        """Count ``n`` positions written at ``[length, length + n)``; ``valid`` (b, n): which are real tokens, each
+        sequence's next RoPE position moving by those (None: all)."""
+        self.length += n
+        self.n_real += n if valid is None else valid.sum(1)
 
     def select(self, rows: torch.Tensor, capacity: int = 0) -> KVCache:
         """A new cache holding only sequences ``rows`` (b',) of this one, with at least ``capacity`` positions.
@@ -109,6 +137,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention: q/k/v projections, rotary positions (optional), SDPA, o_proj."""
+
     kind = "attention"
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
@@ -132,8 +162,6 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool, False at (left-)padding -> (b, l, d_model)
         b, length, _ = x.shape
-        if state is not None and length == 1 and mask is None:  # a decode step: one query over the cache
-            return self.step(x, state)
         projs = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
         q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -148,7 +176,6 @@ class Attention(nn.Module):
             q, k = self.rotary(q, k, positions)
         if state is not None:
             state.append(k, v, mask)
-            state.n_real += length if mask is None else mask.sum(1)
             k, v = state.k[:, :, : state.length], state.v[:, :, : state.length]
             key_valid = None if state.key_valid is None else state.key_valid[:, : state.length]
         else:
@@ -168,7 +195,50 @@ class Attention(nn.Module):
         y = sdpa(q, k, v, attn_mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
 
-    def step(self, x: torch.Tensor, state: KVCache, norm: RMSNorm | None = None) -> torch.Tensor:
-        # x: (b, 1, d_model) -> (b, 1, d_model), the new key and value appended to the cache. With ``norm`` (the
-        # block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
-        return ops.attention_step(x[:, 0], self, state, norm)[:, None]
+    def step(self, x: torch.Tensor, state: KVCache) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model), the new key and value appended to the cache; reads the cache once,
+        # makes no tensor shaped by the context (the fused CPU kernel is ``bind_step``'s)
+        b, hd = x.shape[0], self.head_dim
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = ops.linears(x[:, 0], tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        q = q.view(b, self.n_heads, 1, hd)
+        k = k.view(b, self.n_kv_heads, 1, hd)
+        v = v.view(b, self.n_kv_heads, 1, hd)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, state.n_real[:, None])
+        state.append(k, v)
+        y = ops.decode_attention(q, state.k, state.v, state.length, state.key_valid)
+        return self.o_proj(y.view(b, self.n_heads * hd))[:, None]
+
+    def bind_step(self, state: KVCache, norm: RMSNorm | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+        """This mixer's decode step as a call on float32 arrays, hidden (b, d_model) -> (b, d_model), with its weights,
+        the KV cache ``state`` and the block's ``norm`` (for ``hidden + mixer(norm(hidden))``) bound; None where the
+        dispatch picks the torch step or the tensors are outside the kernel's domain. Each call appends to the
+        cache, growing it when full."""
+        kernel = ops.step_kernel("attention_step")
+        weights, block = kernel_arguments(self, _kernel_weights), block_arguments(norm)
+        if (kernel is None or weights is None or block is None or state.k.dtype != torch.float32
+                or state.k.device.type != "cpu"):
+            return None
+        residual, norm_w, norm_eps = block
+        per_task = heads_per_task(state.k.shape[0], self.n_heads, self.n_kv_heads, numba.get_num_threads())
+        layer = AttentionLayer(norm_w, norm_eps, per_task=per_task, **weights)
+
+        def step(hidden: np.ndarray) -> np.ndarray:
+            state.reserve(1)  # may move the cache: its arrays are looked up on every call
+            valid = state.key_valid
+            out = kernel(residual, layer, state.n_real.numpy(), state.k.numpy(), state.v.numpy(), state.length,
+                         NO_MASK if valid is None else valid.numpy(), valid is not None, hidden)
+            state.advance(1)
+            return out
+
+        return step
+
+
+def _kernel_weights(mixer: Attention, w: dict[str, np.ndarray]) -> dict:
+    # AttentionLayer's fields from W_qkv to b_o, from the mixer's parameters and buffers (numpy views ``w``)
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+    biases = tuple(w.get(f"{p}.bias", EMPTY) for p in projs)
+    return dict(W_qkv=(w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]), b_qkv=biases[:3],
+                has_bias=np.array([f"{p}.bias" in w for p in projs]), inv_freq=w.get("rotary.inv_freq", EMPTY),
+                rotary="rotary.inv_freq" in w, W_o=w["o_proj.weight"], b_o=biases[3])

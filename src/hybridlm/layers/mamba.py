@@ -2,45 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
-from hybridlm.layers.norm import RMSNorm
-from hybridlm.layers.ssm_init import dt_bias_init
+from hybridlm.layers.norm import RMSNorm, block_arguments
+from hybridlm.layers.numpy_views import kernel_arguments
+from hybridlm.layers.ssm import FusedSSMStep, SSMState, dt_bias_init
+from hybridlm.ops.step.block import EMPTY
+from hybridlm.ops.step.mamba import MambaLayer, mamba_stack
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
 
 
-@dataclass
-class MambaState:
-    """Fixed-size state of one Mamba layer, whatever the context length."""
-
-    conv: torch.Tensor  # (b, d_inner, d_conv): the last d_conv inputs of the causal conv
-    ssm: torch.Tensor  # (b, d_inner, d_state), float32
-
-    def nbytes(self) -> int:
-        return self.conv.nbytes + self.ssm.nbytes
-
-    def select(self, rows: torch.Tensor, capacity: int = 0) -> MambaState:
-        """A new state holding only sequences ``rows`` of this one (``capacity`` is for KV caches)."""
-        return MambaState(self.conv[rows], self.ssm[rows])
-
-    @staticmethod
-    def cat(states: list[MambaState], capacity: int = 0) -> MambaState:
-        """The states' sequences stacked into one batch."""
-        return MambaState(torch.cat([s.conv for s in states]), torch.cat([s.ssm for s in states]))
-
-
-class Mamba(nn.Module):
+class Mamba(FusedSSMStep, nn.Module):
     """in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
 
     kind = "mamba"
+    step_op = "mamba_step"
+    stack_kernel = mamba_stack
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -71,9 +57,9 @@ class Mamba(nn.Module):
             self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, *self._dt_init))
 
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   max_len: int = 0) -> MambaState:
+                   max_len: int = 0) -> SSMState:
         dtype = dtype or self.in_proj.weight.dtype
-        return MambaState(
+        return SSMState(
             conv=torch.zeros(batch_size, self.d_inner, self.conv1d.kernel_size[0], device=device, dtype=dtype),
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
         )
@@ -85,11 +71,9 @@ class Mamba(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return ops.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None, mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool (False at padding) -> (b, l, d_model)
-        if state is not None and x.shape[1] == 1 and mask is None:
-            return self.step(x, state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         keep = None if mask is None else mask[..., None].to(xs.dtype)
         # Padding must not touch the state: zero it before the conv (so the conv sees what an empty
@@ -109,8 +93,37 @@ class Mamba(nn.Module):
             state.ssm.copy_(ssm_state)
         return self.out_proj(y)
 
-    def step(self, x: torch.Tensor, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
-        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place. With
-        # ``norm`` (the block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
-        # The step lives in ops (mamba_step_torch: plain torch; on CPU a fused numba kernel).
-        return ops.mamba_step(x[:, 0], self, state, norm)[:, None]
+    def step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model); one decode step in torch ops, O(1) in the context length, the state
+        # updated in place (the fused CPU kernel is ``bind_step``'s)
+        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)
+        xs = ops.causal_conv1d_step(xs, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias)
+        dt, B, C = self._dt_B_C(xs)
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # (b, d_inner)
+        A = -torch.exp(self.A_log.float())
+        xs32 = xs.float()
+        state.ssm.mul_(torch.exp(dt[..., None] * A)).add_((dt * xs32)[..., None] * B.float()[:, None, :])
+        y = (state.ssm @ C.float()[..., None])[..., 0] + self.D.float() * xs32
+        y = y * F.silu(z.float())
+        return self.out_proj(y.to(x.dtype))[:, None]
+
+    def step_layer(self, state: SSMState, norm: RMSNorm | None) -> tuple[bool, MambaLayer] | None:
+        """``ops.step.mamba.mamba_step``'s ``(residual, layer)`` arguments for this mixer, ``state`` and the block's
+        ``norm``; None outside the kernel's domain (float32 CPU tensors)."""
+        weights, block, arrays = kernel_arguments(self, _kernel_weights), block_arguments(norm), state.kernel_arrays()
+        if weights is None or block is None or arrays is None:
+            return None
+        residual, norm_w, norm_eps = block
+        return residual, MambaLayer(norm_w, norm_eps, *arrays, **weights)
+
+
+def _kernel_weights(mixer: Mamba, w: dict[str, np.ndarray]) -> dict:
+    # MambaLayer's fields from W_in on, from the mixer's parameters (numpy views ``w``)
+    norms = mixer.inner_norms
+    return dict(
+        W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
+        conv_b=w.get("conv1d.bias", EMPTY), W_x=w["x_proj.weight"], W_dt=w["dt_proj.weight"], dt_bias=w["dt_proj.bias"],
+        A_log=w["A_log"], D=w["D"], W_out=w["out_proj.weight"], b_out=w.get("out_proj.bias", EMPTY),
+        norm_dt=w.get("dt_layernorm.weight", EMPTY), norm_B=w.get("b_layernorm.weight", EMPTY),
+        norm_C=w.get("c_layernorm.weight", EMPTY), eps=np.float32(mixer.dt_layernorm.eps if norms else 0.0),
+        flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))

@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
-from hybridlm.layers.norm import GatedRMSNorm, RMSNorm
-from hybridlm.layers.ssm_init import dt_bias_init
+from hybridlm.layers.norm import GatedRMSNorm, RMSNorm, block_arguments
+from hybridlm.layers.numpy_views import kernel_arguments
+from hybridlm.layers.ssm import FusedSSMStep, SSMState, dt_bias_init
+from hybridlm.ops.step.block import EMPTY
+from hybridlm.ops.step.mamba import Mamba2Layer, mamba2_stack
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
 
 
-@dataclass
-class Mamba2State:
-    conv: torch.Tensor  # (b, d_inner + 2 * ngroups * d_state, d_conv)
-    ssm: torch.Tensor  # (b, n_heads, headdim, d_state), float32
-
-    def nbytes(self) -> int:
-        return self.conv.nbytes + self.ssm.nbytes
-
-    def select(self, rows: torch.Tensor, capacity: int = 0) -> Mamba2State:
-        """A new state holding only sequences ``rows`` of this one (``capacity`` is for KV caches)."""
-        return Mamba2State(self.conv[rows], self.ssm[rows])
-
-    @staticmethod
-    def cat(states: list[Mamba2State], capacity: int = 0) -> Mamba2State:
-        """The states' sequences stacked into one batch."""
-        return Mamba2State(torch.cat([s.conv for s in states]), torch.cat([s.ssm for s in states]))
-
-
-class Mamba2(nn.Module):
+class Mamba2(FusedSSMStep, nn.Module):
     """in_proj -> [z | x B C | dt]; causal conv + SiLU on xBC; SSD; gated RMSNorm with z; out_proj."""
 
     kind = "mamba2"
+    step_op = "mamba2_step"
+    stack_kernel = mamba2_stack
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -67,19 +55,17 @@ class Mamba2(nn.Module):
             self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
 
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   max_len: int = 0) -> Mamba2State:
+                   max_len: int = 0) -> SSMState:
         dtype = dtype or self.in_proj.weight.dtype
-        return Mamba2State(
+        return SSMState(
             conv=torch.zeros(batch_size, self.conv_dim, self.conv1d.kernel_size[0], device=device, dtype=dtype),
             ssm=torch.zeros(batch_size, self.n_heads, self.headdim, self.d_state, device=device,
                             dtype=torch.float32),
         )
 
-    def forward(self, x: torch.Tensor, state: Mamba2State | None = None, mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool (False at padding) -> (b, l, d_model)
-        if state is not None and x.shape[1] == 1 and mask is None:
-            return self.step(x, state)
         b, length, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         keep = None if mask is None else mask[..., None].to(xBC.dtype)
@@ -101,10 +87,37 @@ class Mamba2(nn.Module):
             state.ssm.copy_(ssm_state)
         return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
 
-    def step(self, x: torch.Tensor, state: Mamba2State, norm: RMSNorm | None = None) -> torch.Tensor:
-        # x: (b, 1, d_model) -> (b, 1, d_model); O(1) work in the context length, state updated in place. With
-        # ``norm`` (the block's pre-norm): x + self(norm(x)), the block's residual update in one kernel call.
-        # The step lives in ops (mamba2_step_torch: plain torch; on CPU a fused numba kernel).
-        return ops.mamba2_step(x[:, 0], self, state, norm)[:, None]
+    def step(self, x: torch.Tensor, state: SSMState) -> torch.Tensor:
+        # x: (b, 1, d_model) -> (b, 1, d_model); one decode step in torch ops, O(1) in the context length, the state
+        # updated in place (the fused CPU kernel is ``bind_step``'s)
+        x = x[:, 0]
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC = ops.causal_conv1d_step(xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias)
+        xs, B, C = xBC.float().split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        b, r = x.shape[0], self.n_heads // self.n_groups
+        xs = xs.view(b, self.n_heads, self.headdim)
+        B = B.view(b, self.n_groups, 1, self.d_state).expand(-1, -1, r, -1).reshape(b, self.n_heads, self.d_state)
+        C = C.view(b, self.n_groups, 1, self.d_state).expand(-1, -1, r, -1).reshape(b, self.n_heads, self.d_state)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, h)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
+        state.ssm.mul_(decay[..., None, None]).add_((dt[..., None] * xs)[..., None] * B[:, :, None, :])
+        y = (state.ssm @ C[..., None])[..., 0] + self.D.float()[:, None] * xs  # (b, h, p)
+        return self.out_proj(self.norm(y.reshape(b, self.d_inner).to(x.dtype), z))[:, None]
+
+    def step_layer(self, state: SSMState, norm: RMSNorm | None) -> tuple[bool, Mamba2Layer] | None:
+        """``ops.step.mamba.mamba2_step``'s ``(residual, layer)`` arguments for this mixer, ``state`` and the block's
+        ``norm``; None outside the kernel's domain (float32 CPU tensors)."""
+        weights, block, arrays = kernel_arguments(self, _kernel_weights), block_arguments(norm), state.kernel_arrays()
+        if weights is None or block is None or arrays is None:
+            return None
+        residual, norm_w, norm_eps = block
+        return residual, Mamba2Layer(norm_w, norm_eps, *arrays, **weights)
 
 
+def _kernel_weights(mixer: Mamba2, w: dict[str, np.ndarray]) -> dict:
+    # Mamba2Layer's fields from W_in on, from the mixer's parameters (numpy views ``w``)
+    return dict(
+        W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
+        conv_b=w.get("conv1d.bias", EMPTY), dt_bias=w["dt_bias"], A_log=w["A_log"], D=w["D"], norm_w=w["norm.weight"],
+        eps=np.float32(mixer.norm.eps), W_out=w["out_proj.weight"], b_out=w.get("out_proj.bias", EMPTY),
+        flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))

@@ -15,13 +15,18 @@ per MoE layer; the model sums it over MoE layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
+from hybridlm.layers.norm import RMSNorm, block_arguments
+from hybridlm.layers.numpy_views import numpy_views
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
@@ -82,3 +87,15 @@ class MoE(nn.Module):
             fraction = one_hot.mean(0) / self.top_k
             mean_prob = probs.mean(0)
         return self.n_experts * (fraction * mean_prob).sum()
+
+    def bind_step(self, norm: RMSNorm) -> Callable[[np.ndarray], tuple[np.ndarray, float]] | None:
+        """The block's feed-forward half of a decode step as a call on float32 arrays: hidden (b, d_model) ->
+        (hidden + self(norm(hidden)), the load-balancing loss of the step), the router's softmax and top-k, the
+        chosen experts and the residual in one kernel, with the weights and the block's ``norm`` bound; None where
+        the dispatch picks the modules or the weights are not float32 CPU tensors."""
+        kernels, block, w = ops.step_kernel("ffn_step"), block_arguments(norm), numpy_views(self)
+        if kernels is None or block is None or w is None or "router.bias" in w:
+            return None
+        _, norm_w, norm_eps = block
+        return partial(kernels.moe_step, norm_w, norm_eps, w["router.weight"], w["gate_proj"], w["up_proj"],
+                       w["down_proj"], self.top_k, self.normalize_topk)

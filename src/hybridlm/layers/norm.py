@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from hybridlm import ops
+from hybridlm.layers.numpy_views import numpy_views
+from hybridlm.ops.step.block import EMPTY
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +20,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+def block_arguments(norm: RMSNorm | None) -> tuple | None:
+    """A step kernel's ``(residual, norm_w, norm_eps)`` for a block's pre-norm ``norm`` (None: the mixer alone, no
+    residual), or None when its weight is not a float32 CPU tensor."""
+    if norm is None:
+        return False, EMPTY, 0.0
+    w = numpy_views(norm)
+    return None if w is None else (True, w["weight"], norm.eps)
 
 
 class GatedRMSNorm(nn.Module):

@@ -25,6 +25,17 @@ class Backend:
     runs_on: Callable[[torch.device], bool]
 
 
+def MODULE_STEP(*args: object, **kwargs: object) -> None:  # noqa: N802 - a marker, named as a constant
+    """The torch backend of a decode-step op: the module's own ``step`` runs. A marker for ``ops.step_kernel``, never
+    called."""
+    raise RuntimeError("MODULE_STEP marks the torch form of a decode-step op (the module's step); it is not called")
+
+
+def FUSED(*args: object, **kwargs: object) -> None:  # noqa: N802
+    """The numba backend of ``fused_decode``: the decode module binds the model's step kernels. A marker."""
+    raise RuntimeError("FUSED marks the numba backend of fused_decode (hybridlm.decode binds it); it is not called")
+
+
 _REGISTRY: dict[str, list[Backend]] = {}
 # The choice per (op, device, backend argument, environment variable): a decode step asks ~50 times a token.
 _CHOSEN: dict[tuple[str, torch.device, str | None, str | None], Callable] = {}

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from hybridlm.ops.fast_math import vexp
-from hybridlm.ops.ssd_chunked import CPU_MAX_CHUNK, ssd_chunked
-from hybridlm.ops.ssd_reference import prepare_dt
+from hybridlm.ops.ssd.chunked import CPU_MAX_CHUNK, ssd_chunked
+from hybridlm.ops.ssd.reference import prepare_dt
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz"})

@@ -1,15 +1,16 @@
-"""A model's one-token decode step as bound kernel calls (CPU, float32 inference): one call for a whole SSM model.
+"""One decode step of a whole model: the single place that chooses between the bound kernels and the modules.
 
-Each block's decode step is one fused kernel (norm, mixer and residual: ``bind_mamba_step`` and its kin), yet
-reaching it through the modules (the block, the mixer, the dispatch, checking the weights, making the kernel's
-arguments) cost ~70 us a layer, ~1.7 ms of a mamba-130m token: it all runs right after a kernel has streamed
-megabytes of weights through the caches, so each Python step there finds its data evicted. ``fused_decode`` binds
-the kernels once for a model and an inference state and keeps them with the state. Each token then checks, in a
-few C-level loops, that no weight or state tensor was replaced and no forward hook added, and runs the bound
-calls. Where every block is the same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the
-blocks and the head are one bound call (``bind_mamba_stack``). Otherwise blocks without a fused kernel (a
-feed-forward, a mixer without a binder, a module with a forward hook, which expects its ``forward`` to run) run
-through their modules as before.
+``is_decode_step`` is the guard (one token a sequence, a state, no padding mask, no labels), ``decode_step`` the step.
+On the CPU in float32 inference each block's step is one fused kernel (norm, mixer and residual: the mixer's
+``bind_step``), its feed-forward half another (``bind_step`` of the feed-forward), and the final norm with the LM head
+a third. Reaching those kernels through the modules (the block, the mixer, the dispatch, checking the weights, making
+the kernel's arguments) cost ~70 us a layer: it all runs right after a kernel has streamed megabytes of weights
+through the caches, so each Python step there finds its data evicted. ``FusedDecode`` binds the kernels once for a
+model and an inference state and keeps them with the state. Each token then checks, in a few C-level loops, that no
+weight or state tensor was replaced and no forward hook added, and runs the bound calls. Where every block is the
+same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the blocks and the head are one call
+(the mixer class's ``bind_stack``). Blocks without a bound kernel (a mixer without ``bind_step``, a backend forced to
+torch, a module with a forward hook, which expects its ``forward`` to run) run through their modules.
 """
 
 from __future__ import annotations
@@ -25,26 +26,14 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from hybridlm.ops import dispatch
-from hybridlm.ops.attention_step_numba import attention_step_numba, bind_attention_step
-from hybridlm.ops.block_input import records_autograd
-from hybridlm.ops.ffn_step_numba import bind_ffn_step
-from hybridlm.ops.gemv import gated_mlp as gated_mlp_gemv
-from hybridlm.ops.gemv import linear as linear_gemv
-from hybridlm.ops.gemv import norm_linear
-from hybridlm.ops.mamba_step_numba import (
-    bind_mamba2_stack,
-    bind_mamba2_step,
-    bind_mamba_stack,
-    bind_mamba_step,
-    mamba2_step_numba,
-    mamba_step_numba,
-)
-from hybridlm.ops.numpy_views import numpy_views
+from hybridlm import ops
+from hybridlm.layers.numpy_views import numpy_views
+from hybridlm.ops.gemm.numba_ops import linear as linear_gemv
+from hybridlm.ops.step.head import norm_linear
+from hybridlm.state import InferenceState
 
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
-    from hybridlm.state import InferenceState
 
 _GLOBAL_HOOKS = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
 
@@ -55,20 +44,43 @@ def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
 
 
 def hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook (global, or on one of ``modules``) expects to see these modules run. A fused step
+    """Whether a forward hook (global, or on one of ``modules``) expects to see these modules run. A bound step
     runs them without calling their ``forward``, so where this is true it steps aside for the module path."""
     return any(map(len, _GLOBAL_HOOKS)) or any(map(len, _hook_dicts(modules)))
 
 
-# A mixer kind's decode op, the backend of it that the binder's kernel is, the binder: (mixer, its state, the
-# block's norm) -> a call hidden -> hidden + mixer(norm(hidden)), and the binder of a model made only of such
-# blocks (see bind_mamba_stack), or None.
-BINDERS: dict[str, tuple[str, Callable, Callable, Callable | None]] = {
-    "mamba": ("mamba_step", mamba_step_numba, bind_mamba_step, bind_mamba_stack),
-    "mamba2": ("mamba2_step", mamba2_step_numba, bind_mamba2_step, bind_mamba2_stack),
-    "attention": ("attention_step", attention_step_numba, bind_attention_step, None),
-}
-_STATE_TENSORS = ("conv", "ssm")  # bound by the SSM binders; a KV cache's tensors are looked up on every call
+def records_autograd(*modules: nn.Module | None) -> bool:
+    """Whether autograd would record a pass through ``modules`` (grad enabled and a parameter requiring it): the
+    fused kernels have no backward, so they step aside."""
+    return torch.is_grad_enabled() and any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+
+def is_decode_step(input_ids: torch.Tensor, state: InferenceState | None, mask: torch.Tensor | None,
+                   labels: torch.Tensor | None) -> bool:
+    """Whether a forward call is a decode step: one token a sequence, continuing ``state``, no padding, no loss."""
+    return state is not None and mask is None and labels is None and input_ids.shape[1] == 1
+
+
+def decode_step(model: HybridLM, state: InferenceState, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of ``model``: ``input_ids`` (b, 1) -> logits (b, 1, vocab) and the MoE auxiliary loss,
+    ``state`` advanced in place; the bound kernels where they apply, else the blocks' modules."""
+    fused = fused_decode(model, state)
+    if fused is not None:
+        logits, aux = fused(input_ids)
+        aux_loss = torch.zeros((), dtype=torch.float32)
+        return logits, aux_loss if aux is None else aux_loss + aux
+    x = model.embedding(input_ids)
+    aux_loss = x.new_zeros((), dtype=torch.float32)
+    for block, layer_state in zip(model.layers, state.layers, strict=True):
+        x, aux = _module_step(block, x, layer_state)
+        if aux is not None:
+            aux_loss = aux_loss + aux
+    return model.lm_head(model.norm_f(x)), aux_loss
+
+
+def _module_step(block: nn.Module, x: torch.Tensor, layer_state: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # x: (b, 1, d_model) -> the block's decode step through its modules: its forward where a hook expects to see it
+    return block(x, layer_state) if hooked(block, block.mixer, block.norm) else block.step(x, layer_state)
 
 
 class FusedDecode:
@@ -78,11 +90,11 @@ class FusedDecode:
         self.model = model
         self.views = numpy_views(model)
         self.layer_states = list(state.layers)
-        held = [(s, name) for s in state.layers for name in _STATE_TENSORS if hasattr(s, name)]
+        held = [(s, name) for s in state.layers for name in s.bound_tensors]
         self.holders, self.names = tuple(s for s, _ in held), tuple(n for _, n in held)
         self.held = tuple(getattr(s, n) for s, n in held)
         self.blocks = list(model.layers)
-        self.backends = os.environ.get(dispatch.ENV_VAR)
+        self.backends = os.environ.get(ops.dispatch.ENV_VAR)
         self.steps = [self._bind(block, s) for block, s in zip(self.blocks, state.layers, strict=True)]
         self.ffn_steps = [self._bind_ffn(block) for block in self.blocks]
         self.bound_moe = any(step is not None and ffn_step is not None and block.ffn.kind == "moe"
@@ -97,44 +109,41 @@ class FusedDecode:
         self.hook_counts = tuple(map(len, self.hook_dicts))
 
     @staticmethod
-    def _bind(block: nn.Module, layer_state) -> Callable | None:
-        # Only where the dispatch would choose this kernel for the op (a forced backend wins)
-        op, kernel, bind, _ = BINDERS.get(block.mixer.kind, (None, None, None, None))
-        if op is None or dispatch.kernel(op, torch.device("cpu")) is not kernel or hooked(block, block.mixer,
-                                                                                             block.norm):
+    def _bind(block: nn.Module, layer_state: object) -> Callable | None:
+        # The block's mixer step with its norm and residual, where the mixer has a fused step and nothing is hooked
+        bind = getattr(block.mixer, "bind_step", None)
+        if bind is None or hooked(block, block.mixer, block.norm):
             return None
-        return bind(block.mixer, layer_state, block.norm)
+        return bind(layer_state, block.norm)
 
     @staticmethod
     def _bind_ffn(block: nn.Module) -> Callable | None:
-        # The block's feed-forward half as one call, where the dispatch would take the matrix-vector kernel for its
-        # SwiGLU products and neither the feed-forward nor its norm is hooked
-        if (block.ffn is None or dispatch.kernel("gated_mlp", torch.device("cpu")) is not gated_mlp_gemv
-                or hooked(block.ffn, block.ffn_norm)):
+        # The block's feed-forward half as one call, where neither the feed-forward nor its norm is hooked
+        if block.ffn is None or hooked(block.ffn, block.ffn_norm):
             return None
-        return bind_ffn_step(block.ffn, block.ffn_norm)
+        return block.ffn.bind_step(block.ffn_norm)
 
     @staticmethod
     def _head_arguments(model: HybridLM) -> tuple | None:
         # The final norm and the LM head's arguments of ``norm_linear`` (hidden (b, d_model) -> logits), where the
         # dispatch would take the matrix-vector kernel for the head and neither module is hooked
         head, norm = model.lm_head, model.norm_f
-        if (head.bias is not None or dispatch.kernel("linear", torch.device("cpu")) is not linear_gemv
+        if (head.bias is not None or ops.dispatch.kernel("linear", torch.device("cpu")) is not linear_gemv
                 or hooked(norm, head)):
             return None
         return numpy_views(norm)["weight"], norm.eps, numpy_views(head)["weight"]
 
     def _bind_stack(self, model: HybridLM, state: InferenceState, head: tuple) -> Callable | None:
-        # The whole step as one call (ids (b,) -> logits (b, vocab)) where every block is bound, of one kind with a
-        # stack binder, with no feed-forward, and the embedding is not hooked
+        # The whole step as one call (ids (b,) -> logits (b, vocab)) where every block is bound, of one mixer class
+        # with a stack binder, with no feed-forward, and the embedding is not hooked
         if None in self.steps:
             return None
-        kind = self.blocks[0].mixer.kind  # every block is bound, so its kind has a binder
-        stack = BINDERS[kind][3]
-        if (stack is None or any(block.mixer.kind != kind or block.ffn is not None for block in self.blocks)
-                or hooked(model.embedding)):
+        mixer_class = type(self.blocks[0].mixer)
+        bind_stack = getattr(mixer_class, "bind_stack", None)
+        if (bind_stack is None or hooked(model.embedding)
+                or any(type(block.mixer) is not mixer_class or block.ffn is not None for block in self.blocks)):
             return None
-        return stack(self.blocks, self.layer_states, numpy_views(model.embedding)["weight"], *head)
+        return bind_stack(self.blocks, self.layer_states, numpy_views(model.embedding)["weight"], *head)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of hidden states ``x`` (b, 1, d_model) after every block: the final norm and the LM head,
@@ -147,7 +156,7 @@ class FusedDecode:
         """Whether ``model`` (its ``numpy_views``, just checked), ``state``'s tensors and the blocks' forward hooks
         are still as bound."""
         return (model is self.model and views is self.views
-                and os.environ.get(dispatch.ENV_VAR) == self.backends
+                and os.environ.get(ops.dispatch.ENV_VAR) == self.backends
                 and tuple(map(len, self.hook_dicts)) == self.hook_counts
                 and all(map(operator.is_, state.layers, self.layer_states))
                 and all(map(operator.is_, map(getattr, self.holders, self.names), self.held)))
@@ -165,7 +174,8 @@ class FusedDecode:
                                                       strict=True):
             aux = None
             if step is None:
-                out, aux = block(torch.from_numpy(hidden).view(b, 1, -1), layer_state)
+                h = torch.from_numpy(hidden).view(b, 1, -1)
+                out, aux = _module_step(block, h, layer_state)
                 hidden = out.contiguous().numpy().reshape(b, -1)
             else:
                 hidden = step(hidden)
@@ -184,10 +194,11 @@ class FusedDecode:
         return self.logits(torch.from_numpy(hidden).view(b, 1, -1)), aux_loss
 
 
-def fused_decode(model: HybridLM, state: InferenceState, input_ids: torch.Tensor) -> FusedDecode | None:
-    """The bound decode step of ``model`` with ``state`` for one token a sequence (``input_ids`` (b, 1), on CPU),
-    made at the first step and kept on the state while nothing was replaced; None outside float32 inference."""
-    if records_autograd(model):
+def fused_decode(model: HybridLM, state: InferenceState) -> FusedDecode | None:
+    """The bound decode step of ``model`` with ``state``, made at the first step and kept on the state while nothing
+    was replaced; None outside float32 CPU inference or where the dispatch picks the modules
+    (``HYBRIDLM_BACKEND=fused_decode=torch``)."""
+    if ops.step_kernel("fused_decode") is None or records_autograd(model):
         return None
     views = numpy_views(model)  # the weights' check, once a token; None unless all are float32 CPU tensors
     if views is None:

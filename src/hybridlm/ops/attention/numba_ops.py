@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops.attention import decode_attention_torch
+from hybridlm.ops.attention.torch_ops import decode_attention_torch
 from hybridlm.ops.fast_math import vexp
 
 KEY_BLOCK = 256  # keys (and values) a task's heads take in turn while the block is in L1/L2: 64 KiB at d = 64

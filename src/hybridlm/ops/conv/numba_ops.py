@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops.causal_conv import causal_conv1d_torch
+from hybridlm.ops.conv.torch_ops import causal_conv1d_torch
 from hybridlm.ops.fast_math import vexp
 
 _STEPS = 32  # time steps per task

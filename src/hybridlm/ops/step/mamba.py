@@ -2,7 +2,7 @@
 
 in_proj, conv, x_proj, dt_proj + softplus, the scan step, the gate and out_proj, each projection a ``prange`` loop
 over output rows that reads the weights once (``gemv.row_dot``): no tensor shaped by the context, one Python-to-
-numba crossing per layer, or per token for a model of such blocks alone (``bind_mamba_stack``). Every stage runs in
+numba crossing per layer, or per token for a model of such blocks alone (``mamba_stack``). Every stage runs in
 parallel, the conv inside in_proj's loop (a channel's conv needs only its own in_proj row): with OpenMP's default
 spin-then-sleep waiters a parallel region inside the kernel costs about a microsecond, less than the conv, x_proj or
 the state update take on one thread (mamba-130m, 24 layers: 20.1 -> 18.4 ms a token in an interleaved A/B). Mamba-1
@@ -13,28 +13,63 @@ from the same move).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
-import numba
 import numpy as np
-import torch
 from numba import njit, prange
-from numba.typed import List
-from torch import nn
 
-from hybridlm.ops.block_input import EMPTY, block_arguments, block_input, call_fused_step
 from hybridlm.ops.fast_math import vexp
-from hybridlm.ops.gemv import embedding_rows, norm_linear_rows, row_dot
-from hybridlm.ops.mamba_step import mamba2_step_torch, mamba_step_torch
-from hybridlm.ops.numpy_views import kernel_arguments
-from hybridlm.ops.rms_norm_numba import rms_norm_row
+from hybridlm.ops.gemm.numba_ops import row_dot
+from hybridlm.ops.norm.numba_ops import rms_norm_row
+from hybridlm.ops.step.block import block_input
+from hybridlm.ops.step.head import embedding_rows, norm_linear_rows
 
-if TYPE_CHECKING:
-    from hybridlm.layers.mamba import Mamba, MambaState
-    from hybridlm.layers.mamba2 import Mamba2, Mamba2State
-    from hybridlm.layers.norm import RMSNorm
+
+class MambaLayer(NamedTuple):
+    """A Mamba-1 block's decode-step arguments (float32 arrays unless noted; ``EMPTY`` where absent)."""
+
+    block_norm_w: np.ndarray  # (d_model,), the block's pre-norm (read with a residual step)
+    block_norm_eps: float
+    conv_state: np.ndarray  # (b, d_inner, k), updated in place
+    ssm: np.ndarray  # (b, d_inner, n), updated in place
+    W_in: np.ndarray  # (2 d_inner, d_model)
+    b_in: np.ndarray
+    conv_w: np.ndarray  # (d_inner, k)
+    conv_b: np.ndarray
+    W_x: np.ndarray  # (dt_rank + 2 n, d_inner)
+    W_dt: np.ndarray  # (d_inner, dt_rank)
+    dt_bias: np.ndarray  # (d_inner,)
+    A_log: np.ndarray  # (d_inner, n)
+    D: np.ndarray  # (d_inner,)
+    W_out: np.ndarray  # (d_model, d_inner)
+    b_out: np.ndarray
+    norm_dt: np.ndarray  # Jamba's inner RMSNorms on dt, B and C
+    norm_B: np.ndarray
+    norm_C: np.ndarray
+    eps: np.float32  # their eps
+    flags: np.ndarray  # bool: [in bias, conv bias, out bias, inner norms]
+
+
+class Mamba2Layer(NamedTuple):
+    """A Mamba-2 block's decode-step arguments (float32 arrays unless noted; ``EMPTY`` where absent)."""
+
+    block_norm_w: np.ndarray  # (d_model,)
+    block_norm_eps: float
+    conv_state: np.ndarray  # (b, conv_dim, k), updated in place
+    ssm: np.ndarray  # (b, h, p, n), updated in place
+    W_in: np.ndarray  # (d_inner + conv_dim + h, d_model): rows [z | x B C | dt]
+    b_in: np.ndarray
+    conv_w: np.ndarray  # (conv_dim, k)
+    conv_b: np.ndarray
+    dt_bias: np.ndarray  # (h,)
+    A_log: np.ndarray  # (h,)
+    D: np.ndarray  # (h,)
+    norm_w: np.ndarray  # (d_inner,), the gated output norm
+    eps: np.float32
+    W_out: np.ndarray  # (d_model, d_inner)
+    b_out: np.ndarray
+    flags: np.ndarray  # bool: [in bias, conv bias, out bias]
+
 
 _FASTMATH = {"contract", "arcp", "nsz", "reassoc"}
 
@@ -57,8 +92,7 @@ def _conv_silu_step(conv_state, conv_w, conv_b, has_bias, b, c, value):  # pragm
 def _mamba_layer(residual, layer, hidden):  # pragma: no cover - compiled
     # The step's body, inlined into the parallel kernels below (its prange loops run in parallel there).
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
-    # layer: (block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b, W_x, W_dt, dt_bias, A_log,
-    # D, W_out, b_out, norm_dt, norm_B, norm_C, eps, flags), from _layer_arguments
+    # layer: a MambaLayer
     (block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b, W_x, W_dt, dt_bias, A_log, D, W_out,
      b_out, norm_dt, norm_B, norm_C, eps, flags) = layer
     # W_in: (2 d_inner, d_model)  conv_w: (d_inner, k)  conv_state: (b, d_inner, k)  W_x: (dt_rank + 2 n, d_inner)
@@ -113,13 +147,13 @@ def _mamba_layer(residual, layer, hidden):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _mamba_step(residual, layer, hidden):  # pragma: no cover - compiled
+def mamba_step(residual, layer, hidden):  # pragma: no cover - compiled
     # hidden: (b, d_model) -> (b, d_model), one block (see _mamba_layer)
     return _mamba_layer(residual, layer, hidden)
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _mamba_stack(embedding, layers, final_w, final_eps, head, ids):  # pragma: no cover - compiled
+def mamba_stack(embedding, layers, final_w, final_eps, head, ids):  # pragma: no cover - compiled
     # ids: (b,) -> logits (b, vocab): the embedding, every block (``layers``: a typed List of their arguments) and
     # the final norm and LM head, one call a token
     hidden = embedding_rows(embedding, ids)
@@ -128,75 +162,9 @@ def _mamba_stack(embedding, layers, final_w, final_eps, head, ids):  # pragma: n
     return norm_linear_rows(final_w, final_eps, head, hidden)
 
 
-def _state_fits(state: MambaState | Mamba2State) -> bool:
-    return (state.conv.dtype == torch.float32 and state.conv.device.type == "cpu" and state.conv.is_contiguous()
-            and state.ssm.is_contiguous())
-
-
-def _mamba_arguments(mixer: Mamba, w: dict[str, np.ndarray]) -> tuple:
-    # _mamba_layer's arguments from W_in to flags
-    norms = mixer.inner_norms
-    return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
-            w["x_proj.weight"], w["dt_proj.weight"], w["dt_proj.bias"], w["A_log"], w["D"], w["out_proj.weight"],
-            w.get("out_proj.bias", EMPTY), w.get("dt_layernorm.weight", EMPTY), w.get("b_layernorm.weight", EMPTY),
-            w.get("c_layernorm.weight", EMPTY), np.float32(mixer.dt_layernorm.eps if norms else 0.0),
-            np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))
-
-
-def _layer_arguments(arguments: Callable, mixer: nn.Module, state: MambaState | Mamba2State, norm: RMSNorm | None
-                     ) -> tuple[bool, tuple] | None:
-    # A block kernel's (residual, layer) arguments (``_mamba_layer``'s), the mixer's from ``arguments``; None outside
-    # the kernels' domain (float32 CPU tensors)
-    args = kernel_arguments(mixer, arguments)
-    block = block_arguments(norm)
-    if args is None or block is None or not _state_fits(state):
-        return None
-    residual, norm_w, norm_eps = block
-    return residual, (norm_w, norm_eps, state.conv.numpy(), state.ssm.numpy(), *args)
-
-
-def bind_mamba_step(mixer: Mamba, state: MambaState, norm: RMSNorm | None = None
-                    ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """``mixer``'s decode step as a call on float32 arrays, hidden (b, d_model) -> (b, d_model), with its weights,
-    ``state`` and the block's ``norm`` (for ``hidden + mixer(norm(hidden))``) bound; None outside the kernel's
-    domain (float32 CPU tensors). The call is the compiled kernel and nothing else."""
-    bound = _layer_arguments(_mamba_arguments, mixer, state, norm)
-    return None if bound is None else partial(_mamba_step, *bound)
-
-
-def _bind_stack(kernel: Callable, arguments: Callable, blocks: list[nn.Module], states: list, embedding: np.ndarray,
-                final_w: np.ndarray, final_eps: float, head: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
-    # ``kernel`` (a stack kernel) with every block's arguments bound: ids (b,) -> logits (b, vocab); None where a
-    # block's kernel does not apply or the blocks' arguments differ in type (a typed List holds one type)
-    layers = [_layer_arguments(arguments, block.mixer, state, block.norm)
-              for block, state in zip(blocks, states, strict=True)]
-    if any(bound is None or not bound[0] for bound in layers):
-        return None
-    layers = [layer for _, layer in layers]
-    if len({numba.typeof(layer) for layer in layers}) != 1:
-        return None
-    return partial(kernel, embedding, List(layers), final_w, final_eps, head)
-
-
-def bind_mamba_stack(blocks: list[nn.Module], states: list[MambaState], embedding: np.ndarray, final_w: np.ndarray,
-                     final_eps: float, head: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
-    """A whole Mamba model's decode step as one call, token ids (b,) -> logits (b, vocab): the ``embedding``, the
-    ``blocks`` (each a norm and a Mamba mixer, with its state in ``states``), the final RMSNorm (``final_w``,
-    ``final_eps``) and the LM ``head``, with no Python between the blocks' kernels: a decode step took 0.976x the
-    time of the same kernels called block by block (mamba-130m; mamba2-130m 0.980; 200 interleaved pairs in one
-    process). None where a block's kernel does not apply."""
-    return _bind_stack(_mamba_stack, _mamba_arguments, blocks, states, embedding, final_w, final_eps, head)
-
-
-def mamba_step_numba(x: torch.Tensor, mixer: Mamba, state: MambaState, norm: RMSNorm | None = None) -> torch.Tensor:
-    # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    return call_fused_step(bind_mamba_step, mamba_step_torch, x, mixer, state, norm)
-
-
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _mamba2_layer(residual, layer, hidden):  # pragma: no cover - compiled
-    # As _mamba_layer, for Mamba-2.  layer: (block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b,
-    # dt_bias, A_log, D, norm_w, eps, W_out, b_out, flags), from _layer_arguments
+    # As _mamba_layer, for Mamba-2.  layer: a Mamba2Layer
     (block_norm_w, block_norm_eps, conv_state, ssm, W_in, b_in, conv_w, conv_b, dt_bias, A_log, D, norm_w, eps, W_out,
      b_out, flags) = layer
     # W_in: (d_inner + conv_dim + h, d_model) rows [z | x B C | dt]  conv_w: (conv_dim, k)
@@ -259,41 +227,15 @@ def _mamba2_layer(residual, layer, hidden):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _mamba2_step(residual, layer, hidden):  # pragma: no cover - compiled
+def mamba2_step(residual, layer, hidden):  # pragma: no cover - compiled
     # hidden: (b, d_model) -> (b, d_model), one block (see _mamba2_layer)
     return _mamba2_layer(residual, layer, hidden)
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _mamba2_stack(embedding, layers, final_w, final_eps, head, ids):  # pragma: no cover - compiled
-    # ids: (b,) -> logits (b, vocab), as _mamba_stack
+def mamba2_stack(embedding, layers, final_w, final_eps, head, ids):  # pragma: no cover - compiled
+    # ids: (b,) -> logits (b, vocab), as mamba_stack
     hidden = embedding_rows(embedding, ids)
     for layer in layers:
         hidden = _mamba2_layer(True, layer, hidden)
     return norm_linear_rows(final_w, final_eps, head, hidden)
-
-
-def _mamba2_arguments(mixer: Mamba2, w: dict[str, np.ndarray]) -> tuple:
-    # _mamba2_layer's arguments from W_in to flags
-    return (w["in_proj.weight"], w.get("in_proj.bias", EMPTY), w["conv1d.weight"][:, 0], w.get("conv1d.bias", EMPTY),
-            w["dt_bias"], w["A_log"], w["D"], w["norm.weight"], np.float32(mixer.norm.eps), w["out_proj.weight"],
-            w.get("out_proj.bias", EMPTY), np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))
-
-
-def bind_mamba2_step(mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
-                     ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """As ``bind_mamba_step``, for a Mamba-2 mixer."""
-    bound = _layer_arguments(_mamba2_arguments, mixer, state, norm)
-    return None if bound is None else partial(_mamba2_step, *bound)
-
-
-def bind_mamba2_stack(blocks: list[nn.Module], states: list[Mamba2State], embedding: np.ndarray, final_w: np.ndarray,
-                      final_eps: float, head: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
-    """As ``bind_mamba_stack``, for a Mamba-2 model."""
-    return _bind_stack(_mamba2_stack, _mamba2_arguments, blocks, states, embedding, final_w, final_eps, head)
-
-
-def mamba2_step_numba(x: torch.Tensor, mixer: Mamba2, state: Mamba2State, norm: RMSNorm | None = None
-                      ) -> torch.Tensor:
-    # x: (b, d_model) -> (b, d_model), x + mixer(norm(x)) with ``norm``; the torch step outside float32 CPU inference
-    return call_fused_step(bind_mamba2_step, mamba2_step_torch, x, mixer, state, norm)

@@ -8,27 +8,17 @@ ops and a Python loop over its experts, and each met caches that the weight stre
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import TYPE_CHECKING
-
 import numpy as np
 from numba import njit
 
-from hybridlm.ops.block_input import block_arguments, block_input
-from hybridlm.ops.gemv import row_dot, swiglu_rows
-from hybridlm.ops.numpy_views import numpy_views
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from hybridlm.layers.norm import RMSNorm
+from hybridlm.ops.gemm.numba_ops import row_dot, swiglu_rows
+from hybridlm.ops.step.block import block_input
 
 _FASTMATH = {"contract", "arcp", "nsz", "reassoc"}
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _mlp_step(norm_w, norm_eps, W_gate, W_up, W_down, hidden):  # pragma: no cover - compiled
+def mlp_step(norm_w, norm_eps, W_gate, W_up, W_down, hidden):  # pragma: no cover - compiled
     # hidden: (b, d) -> hidden + swiglu(rmsnorm(hidden)), no auxiliary loss.  W_gate, W_up: (f, d)  W_down: (d, f)
     x = block_input(hidden, True, norm_w, norm_eps)
     out = np.empty_like(hidden)
@@ -38,7 +28,7 @@ def _mlp_step(norm_w, norm_eps, W_gate, W_up, W_down, hidden):  # pragma: no cov
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _moe_step(norm_w, norm_eps, W_router, W_gate, W_up, W_down, top_k, normalize, hidden):  # pragma: no cover
+def moe_step(norm_w, norm_eps, W_router, W_gate, W_up, W_down, top_k, normalize, hidden):  # pragma: no cover
     # hidden: (b, d) -> hidden + moe(rmsnorm(hidden)), the load-balancing loss (as MoE._balance_loss)
     # W_router: (e, d)  W_gate, W_up: (e, f, d)  W_down: (e, d, f)
     x = block_input(hidden, True, norm_w, norm_eps)
@@ -74,20 +64,3 @@ def _moe_step(norm_w, norm_eps, W_router, W_gate, W_up, W_down, top_k, normalize
     for e in range(n_experts):
         aux += counts[e] / (batch * top_k) * probs[:, e].astype(np.float64).sum() / batch
     return out, n_experts * aux
-
-
-def bind_ffn_step(ffn: nn.Module, norm: RMSNorm) -> Callable[[np.ndarray], tuple[np.ndarray, float]] | None:
-    """The feed-forward half of a block's decode step as a call on float32 arrays: hidden (b, d_model) ->
-    (hidden + ffn(norm(hidden)), its auxiliary loss: MoE's load-balancing loss, 0.0 for a dense feed-forward),
-    with ``ffn`` (a SwiGLU ``GatedMLP`` or a ``MoE``, by its ``kind``) and the block's ``norm`` bound; None
-    outside the kernels' domain (float32 CPU tensors)."""
-    block, w = block_arguments(norm), numpy_views(ffn)
-    if block is None or w is None:
-        return None
-    _, norm_w, norm_eps = block
-    if ffn.kind == "mlp":
-        return partial(_mlp_step, norm_w, norm_eps, w["gate_proj.weight"], w["up_proj.weight"], w["down_proj.weight"])
-    if ffn.kind == "moe" and "router.bias" not in w:
-        return partial(_moe_step, norm_w, norm_eps, w["router.weight"], w["gate_proj"], w["up_proj"], w["down_proj"],
-                       ffn.top_k, ffn.normalize_topk)
-    return None

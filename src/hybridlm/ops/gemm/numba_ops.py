@@ -4,7 +4,7 @@ Decoding one token reads every weight once, so its speed is bytes / read bandwid
 threads, fp32) ``torch.mv`` / ``F.linear`` with one row read weights at 10-18 GB/s, while a numba ``prange``
 loop over output rows, each a vectorised dot product, reads them at ~30 GB/s, the machine's streaming rate.
 ``linear`` takes that path when it applies (CPU, float32, at most ``MAX_ROWS`` rows, no autograd) and is a
-GEMM otherwise (oneDNN's where it applies, see ``onednn_gemm``; else ``F.linear``). ``linears`` multiplies one
+GEMM otherwise (oneDNN's where it applies, see ``onednn``; else ``F.linear``). ``linears`` multiplies one
 input by several matrices (attention's q, k, v) in a single parallel loop: with sleeping OpenMP waiters
 (``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up of the thread pool, measured here at tens to
 a hundred microseconds. ``gated_mlp`` is a whole SwiGLU feed-forward in two such loops.
@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hybridlm.ops import onednn_gemm
-from hybridlm.ops.block_input import block_input
 from hybridlm.ops.fast_math import vexp
-from hybridlm.ops.projections import gated_mlp_torch, linears_torch
+from hybridlm.ops.gemm import onednn
+from hybridlm.ops.gemm.torch_ops import gated_mlp_torch, linears_torch
 
 MAX_ROWS = 4  # above this many activation rows a BLAS matmul reuses each weight enough to win
 
@@ -80,33 +79,6 @@ def _gated_mlp(x, W_gate, W_up, W_down, out):  # pragma: no cover - compiled
     swiglu_rows(x, W_gate, W_up, W_down, out)
 
 
-@njit(cache=True, inline="always", fastmath={"contract", "arcp", "nsz", "reassoc"})
-def norm_linear_rows(norm_w, eps, W, hidden):  # pragma: no cover - compiled
-    # hidden: (b, i)  norm_w: (i,)  W: (o, i) -> (b, o) = rmsnorm(hidden) * norm_w @ W.T: a final norm and an LM
-    # head (a decode step's logits); its loop runs in parallel in the parallel kernels that inline this
-    x = block_input(hidden, True, norm_w, eps)
-    out = np.empty((x.shape[0], W.shape[0]), dtype=np.float32)
-    for r in prange(W.shape[0]):
-        for b in range(x.shape[0]):
-            out[b, r] = row_dot(W, r, x, b)
-    return out
-
-
-@njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def norm_linear(norm_w, eps, W, hidden):  # pragma: no cover - compiled
-    # hidden: (b, i) -> (b, o): norm_linear_rows in one call
-    return norm_linear_rows(norm_w, eps, W, hidden)
-
-
-@njit(cache=True, inline="always")
-def embedding_rows(embedding, ids):  # pragma: no cover - compiled
-    # embedding: (vocab, d)  ids: (b,) -> (b, d), the rows of the tokens (ids checked by the caller)
-    hidden = np.empty((ids.shape[0], embedding.shape[1]), dtype=embedding.dtype)
-    for b in range(ids.shape[0]):
-        hidden[b] = embedding[ids[b]]
-    return hidden
-
-
 _NO_BIAS = np.zeros(1, dtype=np.float32)
 
 
@@ -121,7 +93,7 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[to
             ) -> tuple[torch.Tensor, ...]:
     # x: (..., i)  weights[m]: (o_m, i)  biases[m]: (o_m,) or None -> ((..., o_m) for each m)
     if not fast_gemv_applies(x, *weights):
-        return linears_torch(x, weights, biases, onednn_gemm.linear)
+        return linears_torch(x, weights, biases, onednn.linear)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     ys = tuple(torch.empty(rows.shape[0], w.shape[0], dtype=torch.float32) for w in weights)
     gemv_into(tuple(w.detach().numpy() for w in weights), rows.numpy(),
@@ -138,7 +110,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     # x: (..., d)  w_gate, w_up: (f, d)  w_down: (o, f) -> (..., o)
     if not fast_gemv_applies(x, w_gate, w_up, w_down):
-        return gated_mlp_torch(x, w_gate, w_up, w_down, onednn_gemm.linear)
+        return gated_mlp_torch(x, w_gate, w_up, w_down, onednn.linear)
     rows = x.reshape(-1, x.shape[-1]).detach().contiguous()
     out = torch.empty(rows.shape[0], w_down.shape[0], dtype=torch.float32)
     _gated_mlp(rows.numpy(), w_gate.detach().numpy(), w_up.detach().numpy(), w_down.detach().numpy(), out.numpy())

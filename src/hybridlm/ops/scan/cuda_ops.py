@@ -9,7 +9,7 @@ import importlib.util
 
 import torch
 
-from hybridlm.ops.selective_scan_reference import selective_scan_reference
+from hybridlm.ops.scan.reference import selective_scan_reference
 
 
 def mamba_ssm_available() -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.ssd_reference import prepare_dt
+from hybridlm.ops.ssd.reference import prepare_dt
 
 # The chunk size changes the cost, never the result. On CPU the (q, q) intra-chunk tensors are memory traffic
 # of h * q floats per token, while the state passing costs the same for any q: chunks of 64 measured 1.5-5x
