@@ -1,5 +1,5 @@
 """float32 linear products on the CPU: torch's default BLAS (``F.linear``, MKL) against oneDNN's GEMM
-(``hybridlm.ops.onednn_gemm.linear``), timed in interleaved pairs in one process.
+(``hybridlm.ops.gemm.onednn.linear``), timed in interleaved pairs in one process.
 
     python benchmarks/gemm_backends.py --threads 2 --pairs 20
 
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops import onednn_gemm
+from hybridlm.ops.gemm import onednn
 
 SHAPES = [  # (rows, in_features, out_features)
     (1024, 768, 3352), (1024, 1536, 768), (1024, 768, 3072), (1024, 768, 2048), (1024, 2048, 768),
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=20)
     args = parser.parse_args()
-    if not onednn_gemm.AVAILABLE:
+    if not onednn.AVAILABLE:
         raise SystemExit("oneDNN's linear is not available here (not x86, or torch built without mkldnn)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def main() -> None:
         for m, k, n in SHAPES:
             x, w = torch.randn(m, k), torch.randn(n, k) * k**-0.5
             t_torch, t_onednn = _pair_medians(lambda x=x, w=w: F.linear(x, w),
-                                              lambda x=x, w=w: onednn_gemm.linear(x, w), args.pairs)
+                                              lambda x=x, w=w: onednn.linear(x, w), args.pairs)
             flops = 2 * m * k * n
             row = dict(rows=m, in_features=k, out_features=n, torch_gflops=flops / t_torch / 1e9,
                        onednn_gflops=flops / t_onednn / 1e9, time_ratio=t_onednn / t_torch)
