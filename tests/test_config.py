@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ INVALID = {
     "top_k": (9, "at most n_experts"),
     "moe_normalize_topk": (0, "True or False"),
     "moe_aux_loss_coef": (-0.1, ">= 0"),
+    "mixer_options": ({"X": {}}, "options of the mixers in layers"),
     "norm_eps": (0.0, "positive number"),
     "tie_embeddings": ("no", "True or False"),
     "pad_vocab_size_multiple": (0, "positive integer"),
@@ -185,3 +187,28 @@ def test_required_presets_and_their_shapes():
         128, 64, 1, 256)
     with pytest.raises(ValueError, match=r"unknown preset 'nope'; expected one of \["):
         ModelConfig.preset("nope")
+
+
+# config.json files written by an earlier version (commit 7a7ba9d): ours, and Hugging Face exports that stash our
+# config under hybridlm_config. They must still load to the same model.
+SAVED = Path(__file__).parent / "data" / "configs-7a7ba9d"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_files_of_an_earlier_version_load_to_the_same_config(name):
+    assert ModelConfig.from_json(SAVED / f"{name}.json") == ModelConfig.preset(name)
+
+
+@pytest.mark.parametrize("name", ["mamba-tiny", "mamba2-tiny", "llama-tiny", "jamba-small"])
+def test_hf_exports_of_an_earlier_version_give_back_the_stashed_config(name, tmp_path):
+    import warnings
+
+    from hybridlm.interop import load_config
+
+    (tmp_path / "config.json").write_text((SAVED / f"hf-{name}.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stash found not to match would warn and fall back to the translation
+        loaded = load_config(tmp_path)
+    expected = ModelConfig.from_json(SAVED / f"{name}.json")
+    assert loaded == expected and loaded.name == expected.name and loaded.vocab_size == expected.vocab_size
+    assert HybridLM(loaded).num_parameters() == HybridLM(expected).num_parameters()

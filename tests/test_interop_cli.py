@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from hybridlm import HybridLM
 from hybridlm.cli import main
-from hybridlm.interop import detect_format, load_checkpoint
+from hybridlm.interop import detect_format
 from hybridlm.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def test_convert_keeps_weights_and_tokenizer(hf_checkpoint, tmp_path, capsys):
     assert detect_format(tmp_path / "ours") == "hybridlm"
     assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (hf_checkpoint / "tokenizer.json").read_bytes()
     assert load_tokenizer(tmp_path / "ours").encode("the cat") == load_tokenizer(hf_checkpoint).encode("the cat")
-    a, b = load_checkpoint(hf_checkpoint), load_checkpoint(tmp_path / "ours")
+    a, b = HybridLM.from_pretrained(hf_checkpoint), HybridLM.from_pretrained(tmp_path / "ours")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
     main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf16"), "--to", "hf", "--dtype", "f16"])

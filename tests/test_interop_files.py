@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.checkpoint import CheckpointError, WeightFiles
-from hybridlm.interop import detect_format, load_checkpoint, save_checkpoint
+from hybridlm.interop import detect_format
 
 transformers = pytest.importorskip("transformers")
 from interop_models import VOCAB, hf_model  # noqa: E402
@@ -48,14 +48,14 @@ def test_official_layout_matches_hf(layer, weights, tmp_path):
         hf.lm_head.weight = hf.backbone.embeddings.weight
     _official_from_hf(hf, tmp_path / "official", layer, weights)
     assert detect_format(tmp_path / "official") == "mamba_ssm"
-    ours = load_checkpoint(tmp_path / "official").eval()
+    ours = HybridLM.from_pretrained(tmp_path / "official").eval()
     assert ours.config.vocab_size == 100 and ours.config.padded_vocab_size == VOCAB
     ids = torch.randint(0, 100, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
     # and back out to the official layout, which reads in again identically
-    save_checkpoint(ours, tmp_path / "again", format="mamba_ssm")
-    again = load_checkpoint(tmp_path / "again")
+    ours.save_pretrained(tmp_path / "again", format="mamba_ssm")
+    again = HybridLM.from_pretrained(tmp_path / "again")
     assert again.config == ours.config
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values(), strict=True))
 
@@ -63,7 +63,7 @@ def test_official_layout_matches_hf(layer, weights, tmp_path):
 def test_official_layout_refuses_mlp_and_attention(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "d_intermediate": 256}))
     with pytest.raises(ValueError, match="d_intermediate=256 is not supported"):
-        load_checkpoint(tmp_path)
+        HybridLM.from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -85,7 +85,7 @@ def test_reads_sharded_hf_checkpoint(tmp_path):
     hf = hf_model("llama")
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    ours = load_checkpoint(tmp_path).eval()
+    ours = HybridLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
@@ -113,14 +113,14 @@ def test_truncated_safetensors_names_the_file(hf_dir):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file.*(truncated|incomplete)"):
-        load_checkpoint(hf_dir)
+        HybridLM.from_pretrained(hf_dir)
 
 
 def test_corrupted_header_names_the_file(hf_dir):
     weights = hf_dir / "model.safetensors"
     weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])
     with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file"):
-        load_checkpoint(hf_dir)
+        HybridLM.from_pretrained(hf_dir)
 
 
 def _rewrite(hf_dir, change) -> None:
@@ -133,20 +133,20 @@ def test_missing_tensor_is_named(hf_dir):
     _rewrite(hf_dir, lambda t: t.pop("backbone.layers.1.mixer.x_proj.weight"))
     with pytest.raises(CheckpointError, match=r"tensor backbone\.layers\.1\.mixer\.x_proj\.weight is missing "
                                               r"\(expected shape \(20, 64\)"):
-        load_checkpoint(hf_dir)
+        HybridLM.from_pretrained(hf_dir)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
     _rewrite(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.A_log": torch.zeros(64, 4)}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor backbone\.layers\.0\.mixer\.A_log has "
                                               r"shape \(64, 4\), expected \(64, 8\)"):
-        load_checkpoint(hf_dir)
+        HybridLM.from_pretrained(hf_dir)
 
 
 def test_unexpected_tensor_is_named(hf_dir):
     _rewrite(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.extra": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['backbone\.layers\.0\.mixer\.extra'\]"):
-        load_checkpoint(hf_dir)
+        HybridLM.from_pretrained(hf_dir)
 
 
 class _NotATensor:
@@ -159,13 +159,13 @@ def test_pickle_with_objects_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(source))
     torch.save({"backbone.embedding.weight": torch.zeros(3), "payload": _NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\)"):
-        load_checkpoint(tmp_path)
+        HybridLM.from_pretrained(tmp_path)
 
 
 def test_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\]"):
-        load_checkpoint(tmp_path)
+        HybridLM.from_pretrained(tmp_path)
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -176,13 +176,13 @@ def test_failed_write_leaves_nothing(tmp_path):
 
     model = HybridLM(ModelConfig.preset("mamba-tiny"))
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(model, tmp_path / "out", format="hf", tokenizer=Broken())
+        model.save_pretrained(tmp_path / "out", format="hf", tokenizer=Broken())
     assert os.listdir(tmp_path) == []
     # an existing checkpoint survives a failed overwrite untouched
     model.save_pretrained(tmp_path / "out")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(model, tmp_path / "out", format="hybridlm", tokenizer=Broken())
+        model.save_pretrained(tmp_path / "out", format="hybridlm", tokenizer=Broken())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert os.listdir(tmp_path) == ["out"]
     WeightFiles(tmp_path / "out")  # still readable
@@ -191,7 +191,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_layout_detected_from_model_type_alone_or_named_explicitly(hf_dir, tmp_path):
     config_file = hf_dir / "config.json"
     data = json.loads(config_file.read_text())
-    reference = load_checkpoint(hf_dir).eval()
+    reference = HybridLM.from_pretrained(hf_dir).eval()
     data.pop("architectures")
     config_file.write_text(json.dumps(data))
     assert detect_format(hf_dir) == "hf_mamba"  # model_type "mamba" is enough
@@ -199,11 +199,11 @@ def test_layout_detected_from_model_type_alone_or_named_explicitly(hf_dir, tmp_p
     config_file.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cannot tell the layout"):
         detect_format(hf_dir)
-    named = load_checkpoint(hf_dir, format="hf_mamba").eval()  # named explicitly, no detection
+    named = HybridLM.from_pretrained(hf_dir, format="hf_mamba").eval()  # named explicitly, no detection
     ids = torch.randint(0, VOCAB, (1, 7))
     assert torch.equal(named(ids).logits, reference(ids).logits)
     with pytest.raises(ValueError, match=r"format: unknown 'hf_gpt2'; expected 'hybridlm' or one of"):
-        load_checkpoint(hf_dir, format="hf_gpt2")
+        HybridLM.from_pretrained(hf_dir, format="hf_gpt2")
 
     from hybridlm.cli import main
 

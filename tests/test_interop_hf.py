@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.interop import detect_format, load_checkpoint, save_checkpoint
+from hybridlm.interop import detect_format
 
 transformers = pytest.importorskip("transformers")
 from interop_models import HF_KINDS, VOCAB, hf_model  # noqa: E402
@@ -22,7 +22,7 @@ def hf_pair(request, tmp_path_factory):
     hf = hf_model(request.param)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
-    return request.param, hf, path, load_checkpoint(path).eval()
+    return request.param, hf, path, HybridLM.from_pretrained(path).eval()
 
 
 def test_detects_layout(hf_pair):
@@ -52,7 +52,7 @@ def test_greedy_generation_matches_transformers(hf_pair):
 
 def test_export_reloads_in_transformers(hf_pair, tmp_path):
     kind, hf, _, ours = hf_pair
-    assert save_checkpoint(ours, tmp_path / "hf", format="hf") == detect_format(tmp_path / "hf")
+    assert ours.save_pretrained(tmp_path / "hf", format="hf") == detect_format(tmp_path / "hf")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     # A Mistral without sliding window is a Llama: the export writes the plainer class.
     expected_class = "LlamaForCausalLM" if kind == "mistral" else type(hf).__name__
@@ -81,8 +81,8 @@ ROUND_TRIP = {
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
 def test_round_trip_through_hf_is_bit_exact(name, tmp_path):
     model = HybridLM(ROUND_TRIP[name]).eval()
-    save_checkpoint(model, tmp_path / "hf", format="hf")
-    back = load_checkpoint(tmp_path / "hf")
+    model.save_pretrained(tmp_path / "hf", format="hf")
+    back = HybridLM.from_pretrained(tmp_path / "hf")
     assert back.config == model.config  # the byte-level vocab size (259, padded to 264) survives too
     theirs = back.state_dict()
     for key, tensor in model.state_dict().items():
@@ -99,7 +99,7 @@ def test_model_made_in_hybridlm_runs_in_transformers(name, tmp_path):
     with torch.no_grad():  # move norms, D, biases off their ones/zeros init, so a skipped mapping shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    save_checkpoint(model, tmp_path / "hf", format="hf")
+    model.save_pretrained(tmp_path / "hf", format="hf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_model_made_in_hybridlm_runs_in_transformers(name, tmp_path):
 def test_export_refuses_what_the_class_cannot_hold(tmp_path):
     model = HybridLM(ModelConfig.preset("jamba-tiny"))  # holds a Mamba-2 layer: no HF class has that mix
     with pytest.raises(ValueError, match="JambaForCausalLM cannot hold"):
-        save_checkpoint(model, tmp_path / "out", format="hf")
+        model.save_pretrained(tmp_path / "out", format="hf")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
 

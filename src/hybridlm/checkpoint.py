@@ -22,10 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hybridlm.atomic_files import atomic_directory
-from hybridlm.config import ModelConfig
 
 if TYPE_CHECKING:
-    from hybridlm.model import HybridLM
+    from torch import nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -75,17 +74,23 @@ def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_s
     return [*names, INDEX_NAME]
 
 
-def save_pretrained(model: HybridLM, path: str | Path, tokenizer: Any = None,
-                    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None) -> None:
-    """Write ``model`` (and a Hugging Face ``tokenizer``, if given) to directory ``path`` atomically; float
-    tensors cast to ``dtype`` when given."""
-    tensors = dict(model.state_dict())
+def model_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as it is stored: a tied LM head once (as the embedding), float tensors cast to ``dtype``
+    when given."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors
+
+
+def write_checkpoint(path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Any = None,
+                     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write a checkpoint directory atomically: ``config`` as config.json, ``tensors`` as (sharded) safetensors, and
+    the tokenizer's files when it has a ``save``. Every layout we write goes through here."""
     with atomic_directory(path) as tmp:
-        write_json(model.config.to_dict(), tmp / CONFIG_NAME)
+        write_json(config, tmp / CONFIG_NAME)
         write_weights(tensors, tmp, max_shard_size, metadata={"library": "hybridlm"})
         if tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(tmp)
@@ -191,7 +196,7 @@ class WeightFiles:
         self._loaded[file] = state
 
 
-def load_state(model: HybridLM, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` (our parameter names) into ``model``; errors name ``source``, the tensor and the shapes."""
     if model.config.tie_embeddings and "embedding.weight" in tensors:
         tensors.setdefault("lm_head.weight", tensors["embedding.weight"])
@@ -206,17 +211,3 @@ def load_state(model: HybridLM, tensors: dict[str, torch.Tensor], source: str) -
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(expected[name].shape)}")
     model.load_state_dict(tensors)
-
-
-def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> HybridLM:
-    from hybridlm.model import HybridLM
-
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path / CONFIG_NAME}: not found; a hybridlm checkpoint directory holds "
-                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (or shards listed in {INDEX_NAME})")
-    config = ModelConfig.from_json(path / CONFIG_NAME)
-    model = HybridLM(config)
-    files = WeightFiles(path)
-    load_state(model, {name: files.get(name) for name in files.names()}, files.describe())
-    return model.to(device)

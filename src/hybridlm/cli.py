@@ -122,19 +122,19 @@ def cmd_audit(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from hybridlm.interop import load_checkpoint, save_checkpoint
+    from hybridlm.model import HybridLM
     from hybridlm.tokenizer import load_tokenizer
 
     to = args.to or ("gguf" if str(args.dst).endswith(".gguf") else "hybridlm")
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
-    model = load_checkpoint(args.src, format=args.source_format)
+    model = HybridLM.from_pretrained(args.src, format=args.source_format)
     tokenizer = load_tokenizer(args.src)
     if to == "gguf":
         from hybridlm.interop.gguf import export_gguf
 
         written = export_gguf(model, args.dst, tokenizer=tokenizer, dtype=dtype or torch.float32)
     else:
-        written = save_checkpoint(model, args.dst, format=to, tokenizer=tokenizer, dtype=dtype)
+        written = model.save_pretrained(args.dst, format=to, tokenizer=tokenizer, dtype=dtype)
     print(f"{args.src} -> {args.dst} ({written}): {model.config.summary()}")
 
 

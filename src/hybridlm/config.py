@@ -5,6 +5,9 @@ feed-forward. The mixer pattern is an explicit string, one letter per layer:
 
     ``A`` attention · ``M`` Mamba-1 (selective scan) · ``S`` Mamba-2 (SSD)
 
+The letters are registered by ``hybridlm.layers`` (imported with the package), each with its mixer kind, its label
+and the check of the config fields it reads (``register_mixer``): this module imports no layer and no torch.
+
 The feed-forward of each layer follows Jamba's period/offset rule: every layer gets ``ffn`` ("none" or
 "mlp"), except that layer ``i`` gets a Mixture-of-Experts when ``moe_every > 0`` and
 ``i % moe_every == moe_offset``. ``ffn_pattern`` prints it: ``-`` none, ``F`` gated MLP, ``E`` MoE.
@@ -15,15 +18,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybridlm.presets import PRESETS
+
 FFN_KINDS = ("none", "mlp")
 
 
+def invalid(name: str, expected: str, got: Any) -> ValueError:
+    """The error for field ``name`` of a ModelConfig: what was expected, what was given."""
+    return ValueError(f"ModelConfig.{name}: expected {expected}, got {got!r}")
+
+
 def _fail(name: str, expected: str, got: Any) -> None:
-    raise ValueError(f"ModelConfig.{name}: expected {expected}, got {got!r}")
+    raise invalid(name, expected, got)
+
+
+@dataclass(frozen=True)
+class MixerLetter:
+    """What a config needs to know of a mixer: its kind ("attention", "mamba", ...), its label for listings, and
+    ``check(config)``, which raises ``invalid(...)`` for a config the mixer cannot be built from."""
+
+    kind: str
+    label: str
+    check: Callable[[ModelConfig], None]
+
+
+MIXER_LETTERS: dict[str, MixerLetter] = {}  # filled by hybridlm.layers
+
+
+def register_mixer(letter: str, kind: str, label: str, check: Callable[[ModelConfig], None]) -> None:
+    """Make ``letter`` valid in ``ModelConfig.layers`` (``hybridlm.layers.MIXERS`` calls this for each mixer)."""
+    if not (isinstance(letter, str) and len(letter) == 1 and letter.isupper()):
+        raise ValueError(f"letter: expected one upper-case letter, got {letter!r}")
+    MIXER_LETTERS[letter] = MixerLetter(kind, label, check)
 
 
 @dataclass
@@ -74,6 +105,9 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.01
 
     # Model
+    # Options of mixers that are theirs alone, by pattern letter, e.g. {"L": {"feature_map": "elu1"}}: each mixer
+    # reads and checks its own (the shared fields above are everyone's)
+    mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     pad_vocab_size_multiple: int = 8
@@ -127,10 +161,8 @@ class ModelConfig:
         if not isinstance(self.layers, str) or len(self.layers) != self.n_layers:
             _fail("layers", f"a string of {self.n_layers} letters (n_layers) or a pattern that tiles it",
                   self.layers)
-        from hybridlm.layers import MIXERS  # the registry of mixer letters
-
-        if set(self.layers) - set(MIXERS):
-            letters = ", ".join(f"{k} {v.kind}" for k, v in MIXERS.items())
+        if set(self.layers) - set(MIXER_LETTERS):
+            letters = ", ".join(f"{k} {v.kind}" for k, v in MIXER_LETTERS.items())
             _fail("layers", f"letters from: {letters}", self.layers)
         if self.ffn not in FFN_KINDS:
             _fail("ffn", f"one of {FFN_KINDS}", self.ffn)
@@ -142,19 +174,11 @@ class ModelConfig:
             _fail("moe_offset", f"an integer in [0, moe_every={self.moe_every})", self.moe_offset)
         if self.top_k > self.n_experts:
             _fail("top_k", f"at most n_experts={self.n_experts}", self.top_k)
-        if "A" in self.layers:
-            if self.n_heads % self.n_kv_heads:
-                _fail("n_kv_heads", f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
-            if self.rope_theta is not None and self.head_dim % 2:
-                _fail("head_dim", "an even number (rotary embeddings rotate pairs)", self.head_dim)
-        if "S" in self.layers:
-            d_inner = self.expand * self.d_model
-            if d_inner % self.mamba2_headdim:
-                _fail("mamba2_headdim", f"a divisor of expand*d_model={d_inner}", self.mamba2_headdim)
-            n_heads = d_inner // self.mamba2_headdim
-            if n_heads % self.mamba2_ngroups:
-                _fail("mamba2_ngroups", f"a divisor of the Mamba-2 head count {n_heads}",
-                      self.mamba2_ngroups)
+        if (not isinstance(self.mixer_options, dict) or set(self.mixer_options) - set(self.layers)
+                or not all(isinstance(v, dict) for v in self.mixer_options.values())):
+            _fail("mixer_options", "options of the mixers in layers, a dict of dicts by letter", self.mixer_options)
+        for letter in dict.fromkeys(self.layers):  # each mixer checks the fields it reads
+            MIXER_LETTERS[letter].check(self)
         if not self.dt_min <= self.dt_max:
             _fail("dt_max", f"a value >= dt_min={self.dt_min}", self.dt_max)
 
@@ -182,9 +206,7 @@ class ModelConfig:
     @property
     def family(self) -> str:
         """"transformer", "mamba", "mamba2" or "hybrid" (more than one mixer kind)."""
-        from hybridlm.layers import MIXERS
-
-        kinds = {MIXERS[letter].kind for letter in self.layers}
+        kinds = {MIXER_LETTERS[letter].kind for letter in self.layers}
         if len(kinds) > 1:
             return "hybrid"
         kind = kinds.pop()
@@ -227,8 +249,6 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         """A named preset (``hybridlm presets`` lists them)."""
-        from hybridlm.presets import PRESETS
-
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(name=name, **PRESETS[name])

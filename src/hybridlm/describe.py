@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridlm.config import ModelConfig
+from hybridlm.config import MIXER_LETTERS, ModelConfig
+from hybridlm.model import HybridLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,6 +26,7 @@ class Description:
     context: int
     batch: int
     state_bytes: dict[str, int]  # by mixer kind, at `context` tokens for `batch` sequences
+    state_names: dict[str, str]  # what each kind's state is: "KV cache", "conv + SSM state (fixed size)"
 
     @property
     def state_total(self) -> int:
@@ -32,8 +34,6 @@ class Description:
 
 
 def describe(config: ModelConfig, context: int = 2048, dtype: str = "bf16", batch: int = 1) -> Description:
-    from hybridlm.model import HybridLM
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if context < 0 or batch < 1:
@@ -46,6 +46,7 @@ def describe(config: ModelConfig, context: int = 2048, dtype: str = "bf16", batc
     return Description(
         config=config, total_params=total, active_params=model.num_parameters(active=True), dtype=dtype,
         weight_bytes=total * torch_dtype.itemsize, context=context, batch=batch, state_bytes=state.nbytes(),
+        state_names={kind: type(layer).description for kind, layer in zip(state.kinds, state.layers, strict=True)},
     )
 
 
@@ -61,7 +62,7 @@ def format_description(d: Description) -> str:
     c = d.config
     lines = [
         f"{c.name}  ({c.family})",
-        f"  layers        {c.layers}   (A attention, M Mamba-1, S Mamba-2)",
+        f"  layers        {c.layers}   ({', '.join(f'{k} {v.label}' for k, v in MIXER_LETTERS.items())})",
         f"  feed-forward  {c.ffn_pattern}   (- none, F gated MLP, E MoE {c.n_experts} experts top-{c.top_k})"
         if c.moe_every else f"  feed-forward  {c.ffn_pattern}   (- none, F gated MLP)",
         f"  d_model {c.d_model}, vocab {c.vocab_size} (padded {c.padded_vocab_size}), "
@@ -71,7 +72,6 @@ def format_description(d: Description) -> str:
         f"  state at {d.context:,} tokens, batch {d.batch} ({d.dtype} KV / conv, fp32 SSM state):",
     ]
     for kind, n in sorted(d.state_bytes.items()):
-        what = "KV cache" if kind == "attention" else "conv + SSM state (fixed size)"
-        lines.append(f"    {kind:<10} {human_bytes(n):>12}   {what}")
+        lines.append(f"    {kind:<10} {human_bytes(n):>12}   {d.state_names[kind]}")
     lines.append(f"    {'total':<10} {human_bytes(d.state_total):>12}")
     return "\n".join(lines)

@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import generation
+from hybridlm.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from hybridlm.config import ModelConfig
 from hybridlm.decode import decode_step, is_decode_step
 from hybridlm.huge_pages import place_parameters
+from hybridlm.interop import load_checkpoint, save_checkpoint
 from hybridlm.layers import FEED_FORWARDS, MIXERS, MoE, RMSNorm
 from hybridlm.layers.linear import Linear
 from hybridlm.state import InferenceState
@@ -200,15 +203,11 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Prompt plus up to ``max_new_tokens`` generated tokens, (b, l + n). See ``generation.generate``."""
-        from hybridlm.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generation.generate(self, input_ids, max_new_tokens, **kwargs)
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Yield the next token of every sequence, (b,), one step at a time. See ``generation.stream``."""
-        from hybridlm.generation import stream
-
-        return stream(self, input_ids, max_new_tokens, **kwargs)
+        return generation.stream(self, input_ids, max_new_tokens, **kwargs)
 
     # -------------------------------------------------------------------------------------- counting
     def num_parameters(self, active: bool = False) -> int:
@@ -224,18 +223,18 @@ class HybridLM(nn.Module):
         return total
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, path: str | Path, tokenizer=None, max_shard_size: int | None = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (sharded above ``max_shard_size`` bytes) and the
-        tokenizer's ``tokenizer.json``, if given, to directory ``path`` (atomically)."""
-        from hybridlm.checkpoint import DEFAULT_MAX_SHARD_SIZE, save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    def save_pretrained(self, path: str | Path, tokenizer=None, format: str = "hybridlm",
+                        dtype: torch.dtype | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> str:
+        """Write the model to directory ``path`` (atomically) in ``format``: "hybridlm" (``config.json`` and
+        ``model.safetensors``, sharded above ``max_shard_size`` bytes), "hf" (the Hugging Face class of its family) or
+        a layout of ``hybridlm.interop.FORMATS``; with the tokenizer's files, if given. Float tensors are cast to
+        ``dtype`` when given. Returns the format written."""
+        return save_checkpoint(self, path, format, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> HybridLM:
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", format: str | None = None,
+                        dtype: torch.dtype | None = None) -> HybridLM:
         """Load a checkpoint directory: ours (written by ``save_pretrained``) or any layout ``hybridlm.interop``
         reads (Hugging Face Mamba/Mamba2/Llama/Mistral/Mixtral/Jamba, official mamba_ssm), detected from its
-        ``config.json``."""
-        from hybridlm.interop import load_checkpoint
-
-        return load_checkpoint(path, device=device)
+        ``config.json`` unless ``format`` names it."""
+        return load_checkpoint(path, cls, format=format, device=device, dtype=dtype)

@@ -2,8 +2,8 @@
 
 A peer in the bench's process would share its OpenMP runtimes, thread settings and allocator with ours (and did:
 hybridlm then set ``OMP_WAIT_POLICY=PASSIVE``, which slowed llama.cpp's decode 1.8x). Here it runs in a child
-process that inherits this one's environment. The parent sends a JSON job on stdin; the result goes to the job's
-``out`` file.
+process that inherits this one's environment (``peer_child``). The parent sends a JSON job on stdin; the result goes
+to the job's ``out`` file.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Ben
         # spends minutes on one forward+backward. Only a hung peer meets this limit.
         timeout = 3600 + 10 * settings.budget_s
         try:
-            proc = subprocess.run([sys.executable, "-m", "hybridlm.bench.peer_process"], input=json.dumps(job),
+            proc = subprocess.run([sys.executable, "-m", "hybridlm.bench.peer_child"], input=json.dumps(job),
                                   text=True, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None, f"failed: the peer process ran past {timeout:.0f} s"
@@ -49,29 +49,3 @@ def measure_peer(peer: str, preset: str, fingerprint: list[float], settings: Ben
     for kind in ("prefill", "decode"):  # JSON made the lengths strings
         result[kind] = {int(k): v for k, v in result[kind].items()}
     return result, None
-
-
-def _child(job: dict[str, Any]) -> dict[str, Any]:
-    from hybridlm.bench.runner import BenchSettings, measure_subject, set_threads
-    from hybridlm.bench.subjects import build_model, make_peer
-
-    settings = BenchSettings.from_dict(job["settings"])
-    set_threads(settings.threads)
-    model = build_model(job["preset"])
-    if weights_fingerprint(model) != job["fingerprint"]:
-        return {"not_measured": "failed: the peer process built different weights than the bench's model"}
-    try:
-        subject = make_peer(job["peer"], model, settings.threads, job["max_context"])
-    except Exception as e:  # not installed, or cannot run this family: reported, never a pass
-        return {"not_measured": f"{type(e).__name__}: {e}"[:300]}
-    set_threads(settings.threads)  # a peer's import may have changed torch's thread count
-    try:
-        return {"result": measure_subject(subject, model, settings, is_ours=False)}
-    except Exception as e:
-        return {"not_measured": f"failed: {type(e).__name__}: {e}"[:300]}
-
-
-if __name__ == "__main__":
-    request = json.load(sys.stdin)
-    reply = _child(request)
-    Path(request["out"]).write_text(json.dumps(reply))

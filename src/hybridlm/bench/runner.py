@@ -93,21 +93,15 @@ def decode_bytes(model: HybridLM, state_bytes: int) -> int:
 
 def prefill_work(model: HybridLM, length: int) -> tuple[float, float]:
     """(FLOPs, exps) per token of a prefill of ``length`` tokens: 2 per active matmul weight (the LM head only
-    for the last token), causal attention's 2 * 2 * (length / 2) per head dim, the scans' exp count."""
+    for the last token), plus each mixer's own (``prefill_work``: attention's scores, the scans' exps)."""
     c = model.config
     head = c.padded_vocab_size * c.d_model
     flops = 2.0 * (model.num_parameters(active=True) - head) + 2.0 * head / length
     exps = 0.0
-    for letter in c.layers:
-        if letter == "A":
-            flops += 4.0 * (length / 2) * c.n_heads * c.head_dim
-        elif letter == "M":
-            exps += c.d_inner * c.d_state
-        elif letter == "S":
-            n_heads = c.d_inner // c.mamba2_headdim
-            q = min(c.mamba2_chunk_size, length)
-            exps += n_heads * q  # the within-chunk decay matrix: q entries per step and head
-            flops += 2.0 * 2 * q * (c.d_inner + c.mamba2_d_state * c.mamba2_ngroups)  # chunk-local matmuls
+    for block in model.layers:  # each mixer's own work beyond its projections
+        mixer_flops, mixer_exps = block.mixer.prefill_work(length)
+        flops += mixer_flops
+        exps += mixer_exps
     return flops, exps
 
 

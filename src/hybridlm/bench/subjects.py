@@ -76,10 +76,9 @@ class HuggingFace:
     def __init__(self, model: HybridLM) -> None:
         from transformers import AutoModelForCausalLM
 
-        from hybridlm.interop import save_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(model, Path(tmp) / "m", format="hf")
+            model.save_pretrained(Path(tmp) / "m", format="hf")
             self.model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.float32).eval()
         self.vocab = model.config.vocab_size
 

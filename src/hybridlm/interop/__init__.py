@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from hybridlm.atomic_files import atomic_directory
 from hybridlm.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    WEIGHTS_NAME,
     WeightFiles,
-    load_pretrained,
     load_state,
-    save_pretrained,
-    write_json,
-    write_weights,
+    model_tensors,
+    write_checkpoint,
 )
 from hybridlm.config import ModelConfig
 from hybridlm.interop import hf_jamba, hf_llama, hf_mamba, hf_mamba2, mamba_ssm
 from hybridlm.interop.table import export_tensors, import_tensors
+from hybridlm.layers import MIXERS
 
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
@@ -90,20 +92,14 @@ def detect_format(path: str | Path) -> str:
 def _semantics(c: ModelConfig) -> dict[str, Any]:
     """The fields that decide what a model computes, for the families it contains."""
     out: dict[str, Any] = dict(d_model=c.d_model, n_layers=c.n_layers, layers=c.layers, ffn=c.ffn_pattern,
-                               norm_eps=c.norm_eps, tie=c.tie_embeddings, vocab=c.padded_vocab_size)
+                               norm_eps=c.norm_eps, tie=c.tie_embeddings, vocab=c.padded_vocab_size,
+                               mixer_options=c.mixer_options)
     if set(c.ffn_pattern) - {"-"}:
         out.update(d_ff=c.d_ff)
     if "E" in c.ffn_pattern:
         out.update(n_experts=c.n_experts, top_k=c.top_k, normalize=c.moe_normalize_topk)
-    if "A" in c.layers:
-        out.update(n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, rope=c.rope_theta,
-                   attn_bias=c.attn_bias)
-    if "M" in c.layers:
-        out.update(d_state=c.d_state, dt_rank=c.dt_rank, inner_norms=c.mamba_inner_norms)
-    if "S" in c.layers:
-        out.update(s_state=c.mamba2_d_state, headdim=c.mamba2_headdim, ngroups=c.mamba2_ngroups)
-    if set(c.layers) & {"M", "S"}:
-        out.update(d_conv=c.d_conv, expand=c.expand, conv_bias=c.conv_bias, proj_bias=c.proj_bias)
+    for letter in set(c.layers):
+        out.update({name: getattr(c, name) for name in MIXERS[letter].semantic_fields})
     return out
 
 
@@ -135,26 +131,29 @@ def load_config(path: str | Path, format: str | None = None) -> ModelConfig:
     return config_from_source(FORMATS[format], read_config_json(path))
 
 
-def load_checkpoint(path: str | Path, format: str | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> HybridLM:
+def load_checkpoint(path: str | Path, build: Callable[[ModelConfig], nn.Module], format: str | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Load a checkpoint directory of any supported layout (detected from config.json unless ``format`` names
-    one of "hybridlm" or ``FORMATS``) as a HybridLM. Errors name the file, the tensor and the shapes."""
-    from hybridlm.model import HybridLM
-
+    one of "hybridlm" or ``FORMATS``) into ``build(config)`` (``HybridLM.from_pretrained`` passes its class). Errors
+    name the file, the tensor and the shapes."""
     path = Path(path)
     format = format or detect_format(path)
+    if format == "hybridlm" and not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path / CONFIG_NAME}: not found; a hybridlm checkpoint directory holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (or shards listed in {INDEX_NAME})")
+    config = load_config(path, format)  # validates format
+    model = build(config)
+    files = WeightFiles(path)
     if format == "hybridlm":
-        model = load_pretrained(path)
+        tensors = {name: files.get(name) for name in files.names()}
     else:
-        config = load_config(path, format)  # validates format
         module = FORMATS[format]
-        model = HybridLM(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                     if not (config.tie_embeddings and k == "lm_head.weight")}
         # A tied checkpoint may still store the head (mamba_ssm does): it is the embedding, so skip it.
         ignore = (*module.IGNORE, *((r"lm_head\.weight",) if config.tie_embeddings else ()))
-        files = WeightFiles(path)
-        load_state(model, import_tensors(module.TABLE, files, expected, ignore), files.describe())
+        tensors = import_tensors(module.TABLE, files, expected, ignore)
+    load_state(model, tensors, files.describe())
     return model.to(device=device, dtype=dtype)
 
 
@@ -173,27 +172,18 @@ def save_checkpoint(model: HybridLM, path: str | Path, format: str = "hybridlm",
     for its family) or a key of ``FORMATS``; with the tokenizer's files when it has them. Float tensors are
     cast to ``dtype`` when given. Returns the format written."""
     format = resolve_format(model, format)
+    config, tensors = model.config, model_tensors(model, dtype)
     if format == "hybridlm":
-        save_pretrained(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
-        return format
-    config = model.config
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    module = FORMATS[format]
-    data = module.from_config(config)
-    tensors = export_tensors(module.TABLE, state)
-    if format != "mamba_ssm":
-        data["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        data.update(_special_ids(tokenizer))
-        data[STASH_KEY] = config.to_dict()
-    with atomic_directory(path) as tmp:
-        write_json(data, tmp / CONFIG_NAME)
-        write_weights(tensors, tmp, max_shard_size, metadata={"library": "hybridlm"})
-        if tokenizer is not None and hasattr(tokenizer, "save"):
-            tokenizer.save(tmp)
+        data = config.to_dict()
+    else:
+        module = FORMATS[format]
+        data = module.from_config(config)
+        tensors = export_tensors(module.TABLE, tensors)
+        if format != "mamba_ssm":
+            data["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+            data.update(_special_ids(tokenizer))
+            data[STASH_KEY] = config.to_dict()
+    write_checkpoint(path, data, tensors, tokenizer, max_shard_size)
     return format
 
 

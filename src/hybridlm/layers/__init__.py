@@ -1,10 +1,13 @@
 """Layers: mixers (one file each, registered by their pattern letter), feed-forwards and norms.
 
-A new mixer is one new module with ``forward(x, state=None, mask=None)``, ``step(x, state, norm=None)`` (one
-decode step; with the block's pre-norm ``norm`` it returns the block's residual update ``x + forward(norm(x))``),
-``init_state(...)`` and a ``kind`` name, plus one line in ``MIXERS``.
+A mixer keeps the contract in ``layers.mixer`` (``forward``, ``step``, ``init_state``, ``check_config``,
+``prefill_work``, a ``kind`` and a ``label``; optionally ``bind_step`` for a compiled decode step). Registering it is
+one line in ``MIXERS``.
 """
 
+from torch import nn
+
+from hybridlm import config
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.mamba import Mamba
 from hybridlm.layers.mamba2 import Mamba2
@@ -12,7 +15,7 @@ from hybridlm.layers.mlp import GatedMLP
 from hybridlm.layers.moe import MoE
 from hybridlm.layers.norm import GatedRMSNorm, RMSNorm
 
-MIXERS = {
+MIXERS: dict[str, type[nn.Module]] = {
     "A": Attention,
     "M": Mamba,
     "S": Mamba2,
@@ -23,4 +26,22 @@ FEED_FORWARDS = {
     "moe": MoE,
 }
 
-__all__ = ["FEED_FORWARDS", "MIXERS", "Attention", "GatedMLP", "GatedRMSNorm", "Mamba", "Mamba2", "MoE", "RMSNorm"]
+
+def register_mixer(letter: str, mixer: type[nn.Module]) -> None:
+    """Make ``mixer`` the mixer of pattern letter ``letter`` (the built-in ones are the entries of ``MIXERS``; this is
+    for a mixer defined outside the package, e.g. in an experiment or a test)."""
+    config.register_mixer(letter, mixer.kind, mixer.label, mixer.check_config)
+    MIXERS[letter] = mixer
+
+
+def unregister_mixer(letter: str) -> None:
+    """Forget the mixer of ``letter`` (the inverse of ``register_mixer``)."""
+    del MIXERS[letter]
+    del config.MIXER_LETTERS[letter]
+
+
+for _letter, _mixer in list(MIXERS.items()):  # ModelConfig validates its pattern against these letters
+    register_mixer(_letter, _mixer)
+
+__all__ = ["FEED_FORWARDS", "MIXERS", "Attention", "GatedMLP", "GatedRMSNorm", "Mamba", "Mamba2", "MoE", "RMSNorm",
+           "register_mixer", "unregister_mixer"]

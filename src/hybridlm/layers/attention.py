@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hybridlm import ops
+from hybridlm.config import invalid
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm, block_arguments
 from hybridlm.layers.numpy_views import kernel_arguments
@@ -39,6 +40,7 @@ class KVCache:
     key_valid: torch.Tensor | None = None  # (b, capacity) bool; None while no padding has been seen
     length: int = 0  # positions filled
 
+    description: ClassVar[str] = "KV cache"
     bound_tensors: ClassVar[tuple[str, ...]] = ()  # none: the cache moves as it grows, a bound step looks it up
 
     def nbytes(self) -> int:
@@ -140,6 +142,16 @@ class Attention(nn.Module):
     """Causal self-attention: q/k/v projections, rotary positions (optional), SDPA, o_proj."""
 
     kind = "attention"
+    label = "attention"
+    # The config fields that decide what it computes (interop checks a stored config against them)
+    semantic_fields = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "attn_bias")
+
+    @staticmethod
+    def check_config(config: ModelConfig) -> None:
+        if config.n_heads % config.n_kv_heads:
+            raise invalid("n_kv_heads", f"a divisor of n_heads={config.n_heads}", config.n_kv_heads)
+        if config.rope_theta is not None and config.head_dim % 2:
+            raise invalid("head_dim", "an even number (rotary embeddings rotate pairs)", config.head_dim)
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -194,6 +206,11 @@ class Attention(nn.Module):
                 attn_mask = (attn_mask & key_valid[:, None, None, :]) | (keys == query_pos)
         y = sdpa(q, k, v, attn_mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
+
+    def prefill_work(self, length: int) -> tuple[float, float]:
+        """(FLOPs, exps) per token of a causal prefill of ``length`` tokens beyond the projections: q.k and p.v over
+        length / 2 keys on average, 2 FLOPs a multiply-add."""
+        return 4.0 * (length / 2) * self.n_heads * self.head_dim, 0.0
 
     def step(self, x: torch.Tensor, state: KVCache) -> torch.Tensor:
         # x: (b, 1, d_model) -> (b, 1, d_model), the new key and value appended to the cache; reads the cache once,

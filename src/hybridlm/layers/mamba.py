@@ -11,8 +11,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.layers.linear import Linear
-from hybridlm.layers.norm import RMSNorm, block_arguments
-from hybridlm.layers.numpy_views import kernel_arguments
+from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.ssm import FusedSSMStep, SSMState, dt_bias_init
 from hybridlm.ops.step.block import EMPTY
 from hybridlm.ops.step.mamba import MambaLayer, mamba_stack
@@ -25,8 +24,12 @@ class Mamba(FusedSSMStep, nn.Module):
     """in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
 
     kind = "mamba"
+    label = "Mamba-1"
+    # The config fields that decide what it computes (interop checks a stored config against them)
+    semantic_fields = ("d_state", "dt_rank", "mamba_inner_norms", "d_conv", "expand", "conv_bias", "proj_bias")
     step_op = "mamba_step"
     stack_kernel = mamba_stack
+    layer_type = MambaLayer
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -55,6 +58,14 @@ class Mamba(FusedSSMStep, nn.Module):
             bound = self.dt_rank**-0.5
             self.dt_proj.weight.uniform_(-bound, bound)
             self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, *self._dt_init))
+
+    @staticmethod
+    def check_config(config: ModelConfig) -> None:
+        """Every field it reads is checked by ModelConfig itself (positive sizes, dt_min <= dt_max)."""
+
+    def prefill_work(self, length: int) -> tuple[float, float]:
+        """(FLOPs, exps) per token beyond the projections: the scan's exp(dt A), one per channel and state entry."""
+        return 0.0, float(self.d_inner * self.d_state)
 
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
                    max_len: int = 0) -> SSMState:
@@ -107,23 +118,14 @@ class Mamba(FusedSSMStep, nn.Module):
         y = y * F.silu(z.float())
         return self.out_proj(y.to(x.dtype))[:, None]
 
-    def step_layer(self, state: SSMState, norm: RMSNorm | None) -> tuple[bool, MambaLayer] | None:
-        """``ops.step.mamba.mamba_step``'s ``(residual, layer)`` arguments for this mixer, ``state`` and the block's
-        ``norm``; None outside the kernel's domain (float32 CPU tensors)."""
-        weights, block, arrays = kernel_arguments(self, _kernel_weights), block_arguments(norm), state.kernel_arrays()
-        if weights is None or block is None or arrays is None:
-            return None
-        residual, norm_w, norm_eps = block
-        return residual, MambaLayer(norm_w, norm_eps, *arrays, **weights)
-
-
-def _kernel_weights(mixer: Mamba, w: dict[str, np.ndarray]) -> dict:
-    # MambaLayer's fields from W_in on, from the mixer's parameters (numpy views ``w``)
-    norms = mixer.inner_norms
-    return dict(
-        W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
-        conv_b=w.get("conv1d.bias", EMPTY), W_x=w["x_proj.weight"], W_dt=w["dt_proj.weight"], dt_bias=w["dt_proj.bias"],
-        A_log=w["A_log"], D=w["D"], W_out=w["out_proj.weight"], b_out=w.get("out_proj.bias", EMPTY),
-        norm_dt=w.get("dt_layernorm.weight", EMPTY), norm_B=w.get("b_layernorm.weight", EMPTY),
-        norm_C=w.get("c_layernorm.weight", EMPTY), eps=np.float32(mixer.dt_layernorm.eps if norms else 0.0),
-        flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))
+    def kernel_weights(self, w: dict[str, np.ndarray]) -> dict:
+        """``MambaLayer``'s fields from ``W_in`` on, from this mixer's parameters (their numpy views ``w``)."""
+        norms = self.inner_norms
+        return dict(
+            W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
+            conv_b=w.get("conv1d.bias", EMPTY), W_x=w["x_proj.weight"], W_dt=w["dt_proj.weight"],
+            dt_bias=w["dt_proj.bias"], A_log=w["A_log"], D=w["D"], W_out=w["out_proj.weight"],
+            b_out=w.get("out_proj.bias", EMPTY),
+            norm_dt=w.get("dt_layernorm.weight", EMPTY), norm_B=w.get("b_layernorm.weight", EMPTY),
+            norm_C=w.get("c_layernorm.weight", EMPTY), eps=np.float32(self.dt_layernorm.eps if norms else 0.0),
+            flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w, norms], dtype=np.bool_))

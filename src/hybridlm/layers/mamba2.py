@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
+from hybridlm.config import invalid
 from hybridlm.layers.linear import Linear
-from hybridlm.layers.norm import GatedRMSNorm, RMSNorm, block_arguments
-from hybridlm.layers.numpy_views import kernel_arguments
+from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.layers.ssm import FusedSSMStep, SSMState, dt_bias_init
 from hybridlm.ops.step.block import EMPTY
 from hybridlm.ops.step.mamba import Mamba2Layer, mamba2_stack
@@ -25,8 +25,13 @@ class Mamba2(FusedSSMStep, nn.Module):
     """in_proj -> [z | x B C | dt]; causal conv + SiLU on xBC; SSD; gated RMSNorm with z; out_proj."""
 
     kind = "mamba2"
+    label = "Mamba-2"
+    # The config fields that decide what it computes (interop checks a stored config against them)
+    semantic_fields = ("mamba2_d_state", "mamba2_headdim", "mamba2_ngroups", "d_conv", "expand", "conv_bias",
+                       "proj_bias")
     step_op = "mamba2_step"
     stack_kernel = mamba2_stack
+    layer_type = Mamba2Layer
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -53,6 +58,20 @@ class Mamba2(FusedSSMStep, nn.Module):
         with torch.no_grad():
             self.dt_bias.copy_(dt_bias_init(self.n_heads, *self._dt_init))
             self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
+
+    @staticmethod
+    def check_config(config: ModelConfig) -> None:
+        if config.d_inner % config.mamba2_headdim:
+            raise invalid("mamba2_headdim", f"a divisor of expand*d_model={config.d_inner}", config.mamba2_headdim)
+        n_heads = config.d_inner // config.mamba2_headdim
+        if n_heads % config.mamba2_ngroups:
+            raise invalid("mamba2_ngroups", f"a divisor of the Mamba-2 head count {n_heads}", config.mamba2_ngroups)
+
+    def prefill_work(self, length: int) -> tuple[float, float]:
+        """(FLOPs, exps) per token beyond the projections: SSD's within-chunk decay matrix (q exps a step and head)
+        and its chunk-local matmuls."""
+        q = min(self.chunk_size, length)
+        return 2.0 * 2 * q * (self.d_inner + self.d_state * self.n_groups), float(self.n_heads * q)
 
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
                    max_len: int = 0) -> SSMState:
@@ -104,20 +123,11 @@ class Mamba2(FusedSSMStep, nn.Module):
         y = (state.ssm @ C[..., None])[..., 0] + self.D.float()[:, None] * xs  # (b, h, p)
         return self.out_proj(self.norm(y.reshape(b, self.d_inner).to(x.dtype), z))[:, None]
 
-    def step_layer(self, state: SSMState, norm: RMSNorm | None) -> tuple[bool, Mamba2Layer] | None:
-        """``ops.step.mamba.mamba2_step``'s ``(residual, layer)`` arguments for this mixer, ``state`` and the block's
-        ``norm``; None outside the kernel's domain (float32 CPU tensors)."""
-        weights, block, arrays = kernel_arguments(self, _kernel_weights), block_arguments(norm), state.kernel_arrays()
-        if weights is None or block is None or arrays is None:
-            return None
-        residual, norm_w, norm_eps = block
-        return residual, Mamba2Layer(norm_w, norm_eps, *arrays, **weights)
-
-
-def _kernel_weights(mixer: Mamba2, w: dict[str, np.ndarray]) -> dict:
-    # Mamba2Layer's fields from W_in on, from the mixer's parameters (numpy views ``w``)
-    return dict(
-        W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
-        conv_b=w.get("conv1d.bias", EMPTY), dt_bias=w["dt_bias"], A_log=w["A_log"], D=w["D"], norm_w=w["norm.weight"],
-        eps=np.float32(mixer.norm.eps), W_out=w["out_proj.weight"], b_out=w.get("out_proj.bias", EMPTY),
-        flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))
+    def kernel_weights(self, w: dict[str, np.ndarray]) -> dict:
+        """``Mamba2Layer``'s fields from ``W_in`` on, from this mixer's parameters (their numpy views ``w``)."""
+        return dict(
+            W_in=w["in_proj.weight"], b_in=w.get("in_proj.bias", EMPTY), conv_w=w["conv1d.weight"][:, 0],
+            conv_b=w.get("conv1d.bias", EMPTY), dt_bias=w["dt_bias"], A_log=w["A_log"], D=w["D"],
+            norm_w=w["norm.weight"], eps=np.float32(self.norm.eps), W_out=w["out_proj.weight"],
+            b_out=w.get("out_proj.bias", EMPTY),
+            flags=np.array(["in_proj.bias" in w, "conv1d.bias" in w, "out_proj.bias" in w]))

@@ -15,11 +15,11 @@ import torch
 from numba.typed import List
 
 from hybridlm import ops
+from hybridlm.layers.norm import RMSNorm, block_arguments
+from hybridlm.layers.numpy_views import kernel_arguments
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from hybridlm.layers.norm import RMSNorm
 
 
 def dt_bias_init(n: int, dt_min: float, dt_max: float, dt_floor: float) -> torch.Tensor:
@@ -37,6 +37,7 @@ class SSMState:
     ssm: torch.Tensor  # float32; Mamba-1 (b, d_inner, d_state), Mamba-2 (b, n_heads, headdim, d_state)
 
     length: ClassVar[int] = 0  # context positions held: none, the state does not grow
+    description: ClassVar[str] = "conv + SSM state (fixed size)"
     bound_tensors: ClassVar[tuple[str, ...]] = ("conv", "ssm")  # kept by a bound decode step
 
     def nbytes(self) -> int:
@@ -66,15 +67,27 @@ class SSMState:
 
 
 class FusedSSMStep:
-    """The fused decode binding of an SSM mixer. A mixer using it names ``step_op`` (its kernel's dispatch op) and
-    ``stack_kernel`` (the whole-model kernel), and builds its kernel's arguments in ``step_layer``."""
+    """The fused decode binding of an SSM mixer. A mixer using it names ``step_op`` (its kernel's dispatch op),
+    ``stack_kernel`` (the whole-model kernel) and ``layer_type`` (the named tuple of a block's kernel arguments), and
+    gives its weights' fields of that tuple in ``kernel_weights``."""
 
     step_op: ClassVar[str]
     stack_kernel: ClassVar[Callable]
+    layer_type: ClassVar[type[tuple]]
+
+    def kernel_weights(self, w: dict[str, np.ndarray]) -> dict:
+        """The fields of ``layer_type`` from the mixer's parameters, given their numpy views ``w`` by name."""
+        raise NotImplementedError
 
     def step_layer(self, state: SSMState, norm: RMSNorm | None) -> tuple[bool, tuple] | None:
-        """The step kernel's ``(residual, layer)`` arguments, or None outside its domain."""
-        raise NotImplementedError
+        """The step kernel's ``(residual, layer)`` arguments for this mixer, ``state`` and the block's ``norm``;
+        None outside the kernel's domain (float32 CPU tensors)."""
+        weights = kernel_arguments(self, type(self).kernel_weights)  # made once while the weights stay put
+        block, arrays = block_arguments(norm), state.kernel_arrays()
+        if weights is None or block is None or arrays is None:
+            return None
+        residual, norm_w, norm_eps = block
+        return residual, self.layer_type(norm_w, norm_eps, *arrays, **weights)
 
     def bind_step(self, state: SSMState, norm: RMSNorm | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
         """This mixer's decode step as a call on float32 arrays, hidden (b, d_model) -> (b, d_model), with its weights,

@@ -233,7 +233,7 @@ class Scheduler:
     def _capacity(self, parts: list[InferenceState]) -> int:
         # KV positions the stacked batch will need: the longest cache now plus the most tokens any request
         # may still add (requests leave before they exceed it), so the cache never regrows mid-batch.
-        longest = max(max((getattr(s, "length", 0) for s in p.layers), default=0) for p in parts)
+        longest = max(max((s.length for s in p.layers), default=0) for p in parts)
         remaining = max(r.params.max_tokens - len(r.tokens) for r in self._active)
         return longest + remaining
 

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridlm.atomic_files import atomic_directory
-from hybridlm.checkpoint import load_pretrained, save_pretrained
 from hybridlm.model import HybridLM
 
 STATE_NAME = "trainer_state.json"
@@ -51,7 +50,7 @@ def save_checkpoint(path: str | Path, model: HybridLM, optimizer: torch.optim.Op
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     with atomic_directory(path) as tmp:
-        save_pretrained(model, tmp, tokenizer=tokenizer)
+        model.save_pretrained(tmp, tokenizer=tokenizer)
         save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"library": "hybridlm"})
         save_file(rng, str(tmp / RNG_NAME))
         full = {"format": FORMAT_VERSION, **state, "optimizer_param_groups": groups}
@@ -78,7 +77,7 @@ def load_checkpoint(path: str | Path, optimizer_factory, device: torch.device
     the torch generator states are restored too."""
     path = Path(path)
     state = read_state(path)
-    model = load_pretrained(path, device=device)
+    model = HybridLM.from_pretrained(path, device=device, format="hybridlm")
     optimizer = optimizer_factory(model)
     by_name = {name: p for name, p in model.named_parameters()}
     ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
