@@ -1,16 +1,17 @@
 """One decode step of a whole model: the single place that chooses between the bound kernels and the modules.
 
-``is_decode_step`` is the guard (one token a sequence, a state, no padding mask, no labels), ``decode_step`` the step.
-On the CPU in float32 inference each block's step is one fused kernel (norm, mixer and residual: the mixer's
-``bind_step``), its feed-forward half another (``bind_step`` of the feed-forward), and the final norm with the LM head
-a third. Reaching those kernels through the modules (the block, the mixer, the dispatch, checking the weights, making
-the kernel's arguments) cost ~70 us a layer: it all runs right after a kernel has streamed megabytes of weights
-through the caches, so each Python step there finds its data evicted. ``FusedDecode`` binds the kernels once for a
-model and an inference state and keeps them with the state. Each token then checks, in a few C-level loops, that no
-weight or state tensor was replaced and no forward hook added, and runs the bound calls. Where every block is the
-same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the blocks and the head are one call
-(the mixer class's ``bind_stack``). Blocks without a bound kernel (a mixer without ``bind_step``, a backend forced to
-torch, a module with a forward hook, which expects its ``forward`` to run) run through their modules.
+``is_decode_step`` is the guard (one token a sequence, a state, no padding mask, no labels), ``decode_step`` the
+step. On the CPU in float32 inference each block's step is one fused kernel (norm, mixer and residual: the mixer's
+``bind_step``), its feed-forward half another (``bind_step`` of the feed-forward), and the final norm with the LM
+head a third. Reaching those kernels through the modules (the block, the mixer, the dispatch, checking the weights,
+making the kernel's arguments) cost tens of microseconds a layer: it all runs right after a kernel has streamed
+megabytes of weights through the caches, so each Python step there finds its data evicted. ``FusedDecode`` binds the
+kernels once for a model and an inference state and keeps them with the state. Each token then checks, in a few
+C-level loops, that no weight or state tensor was replaced and no forward hook added, and runs the bound calls. Where
+every block is the same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the blocks and the
+head are one call (the mixer class's ``bind_stack``). Blocks without a bound kernel (a mixer without ``bind_step``, a
+backend forced to torch, a module with a forward hook, which expects its ``forward`` to run) run through their
+modules.
 """
 
 from __future__ import annotations

@@ -3,11 +3,8 @@
 Decoding reads every weight once a token: ~0.5 GB for a 130M model in float32. In 4 KiB pages that is ~126,000
 pages, most of them a TLB miss; in 2 MiB pages, ~250. torch's CPU allocator does not ask for huge pages, and
 Linux's usual setting (THP "madvise") gives them only to memory that does, so ``place_parameters`` moves a
-module's parameters into one anonymous mapping advised ``MADV_HUGEPAGE``. Measured on the 2-core EPYC of
-benchmarks/results (``python benchmarks/decode_huge_pages.py``: two identical models in one process, one with its
-weights back in torch's allocations, 80 interleaved tokens, float32, each order of making them): decode took
-0.85-0.91x the time for mamba-130m, 0.89-0.93x for mamba2-130m, 0.84-0.89x for llama-130m and 0.89-0.90x for
-jamba-130m.
+module's parameters into one anonymous mapping advised ``MADV_HUGEPAGE``. The decode time it saves:
+``python benchmarks/decode_huge_pages.py`` (figures in docs/performance.md).
 """
 
 from __future__ import annotations

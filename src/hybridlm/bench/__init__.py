@@ -6,6 +6,7 @@ the scans' exps / measured exp rate); ``write_json`` and ``save_plots`` keep the
 """
 
 from hybridlm.bench.report import format_report, save_plots, write_json
-from hybridlm.bench.runner import DEFAULT_PRESETS, BenchSettings, run
+from hybridlm.bench.runner import run
+from hybridlm.bench.settings import DEFAULT_PRESETS, BenchSettings
 
 __all__ = ["DEFAULT_PRESETS", "BenchSettings", "format_report", "run", "save_plots", "write_json"]

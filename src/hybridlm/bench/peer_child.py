@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hybridlm.bench.peer_process import weights_fingerprint
-from hybridlm.bench.runner import BenchSettings, measure_subject, set_threads
+from hybridlm.bench.runner import measure_subject, set_threads
+from hybridlm.bench.settings import BenchSettings
 from hybridlm.bench.subjects import build_model, make_peer
 
 

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from hybridlm.bench.runner import BenchSettings
+from hybridlm.bench.settings import BenchSettings
 
 
 def weights_fingerprint(model: Any) -> list[float]:

@@ -17,41 +17,15 @@ import gc
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from hybridlm.bench.machine import Machine, measure_machine, median_time
 from hybridlm.bench.peer_process import measure_peer, weights_fingerprint
+from hybridlm.bench.settings import DEFAULT_PRESETS, BenchSettings
 from hybridlm.bench.subjects import Ours, build_model, state_at_context
 from hybridlm.model import HybridLM
-
-DEFAULT_PRESETS = ("llama-130m", "mamba-130m", "mamba2-130m", "jamba-130m")
-
-
-@dataclass
-class BenchSettings:
-    presets: tuple[str, ...] = DEFAULT_PRESETS
-    peers: tuple[str, ...] = ()
-    threads: int = 2
-    prefill_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
-    decode_contexts: tuple[int, ...] = (512, 2048, 8192, 32768, 65536)
-    train_length: int = 512  # 0: no forward+backward step
-    decode_tokens: int = 8  # timed decode steps per repeat
-    repeats: int = 3
-    budget_s: float = 120.0  # per subject and preset
-    scan: bool = True  # the isolated selective scan against its exp bound
-    rounds: int = 1  # times ours and the peers are measured in turn, per preset (figures: median over rounds)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (without ``extra``); ``from_dict`` reads them back."""
-        return {k: v for k, v in self.__dict__.items() if k != "extra"}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BenchSettings:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def set_threads(threads: int) -> None:

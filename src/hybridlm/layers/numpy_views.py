@@ -1,8 +1,8 @@
 """numpy views of a module's weights for the numba kernels, made once and reused while the weights stay put.
 
 A decode step calls its kernel once per layer and token. Making the kernel's arguments there, each weight
-looked up through ``nn.Module.__getattr__`` and turned into an array with ``.detach().numpy()``, cost ~40 us a
-layer (~1.5 ms a token of mamba-130m's 24 layers, against ~13 ms of kernel time). The views are cached on the
+looked up through ``nn.Module.__getattr__`` and turned into an array with ``.detach().numpy()``, cost tens of
+microseconds a layer, a tenth of a small model's kernel time. The views are cached on the
 module and remade when any of its tensors or submodules was replaced (``model.to(...)``,
 ``load_state_dict(assign=True)``, ``param.data = ...``, ``mixer.in_proj = ...``): every call checks each tensor's
 storage address, and each one's identity when something was registered anywhere since the last check. In-place
@@ -100,7 +100,7 @@ def kernel_arguments(module: nn.Module, build: Callable[[nn.Module, dict[str, np
     """The arguments a kernel takes from ``module``, ``build(module, numpy_views(module))``, made once and kept
     with the views (None where the views are). A decode step's wrapper runs between two kernels that have
     streamed megabytes through the caches, and every dictionary lookup, slice and flag array it made there
-    cost microseconds: ~1 ms a token of mamba-130m before they were kept."""
+    cost microseconds."""
     views = numpy_views(module)
     if views is None:
         return None

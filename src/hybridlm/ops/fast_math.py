@@ -1,9 +1,9 @@
 """Vectorisable elementwise math for numba kernels.
 
-pip's llvmlite ships without SVML, so ``math.exp`` inside a numba loop compiles to a scalar libm call per
-element; in the selective scan that call alone costs several times the rest of the recurrence (measured
-here: 147 ms of a 168 ms naive scan). ``vexp`` below is built from multiplies, adds, a floor and an integer
-shift, which LLVM turns into SIMD code when it sits in an inner loop over contiguous data.
+pip's llvmlite ships without SVML, so ``math.exp`` inside a numba loop compiles to a scalar libm call per element; in
+the selective scan that call alone costs several times the rest of the recurrence (docs/performance.md, "Figures
+behind the kernels"). ``vexp`` below is built from multiplies, adds, a floor and an integer shift, which LLVM turns
+into SIMD code when it sits in an inner loop over contiguous data.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """One new query per sequence over the KV cache (a decode step's attention), for CPU inference.
 
 The kernel reads each key and value row once, in one streaming pass per KV head: the query heads that share it
-under GQA take it together (reading it once per query head made jamba-130m, 3 heads per KV head, read its cache
-3x). A decode step's attention is bound by reading the cache, and SDPA's CPU kernel (made for blocks of queries)
-measured 2-3x slower than that read here (llama-130m: 0.79 ms a layer at 2048 cached positions against 0.42 ms
-to read its 12.6 MB).
+under GQA take it together (once per query head, a model with 3 heads per KV head read its cache 3x). A decode
+step's attention is bound by reading the cache, and SDPA's CPU kernel, made for blocks of queries, stays well
+short of that read (docs/performance.md, "Figures behind the kernels").
 """
 
 from __future__ import annotations

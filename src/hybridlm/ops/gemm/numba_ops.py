@@ -1,13 +1,13 @@
 """Matrix-vector products for decoding: a few rows of activations times a weight matrix, at memory bandwidth.
 
-Decoding one token reads every weight once, so its speed is bytes / read bandwidth. On this machine (2
-threads, fp32) ``torch.mv`` / ``F.linear`` with one row read weights at 10-18 GB/s, while a numba ``prange``
-loop over output rows, each a vectorised dot product, reads them at ~30 GB/s, the machine's streaming rate.
+Decoding one token reads every weight once, so its speed is bytes / read bandwidth. ``torch.mv`` / ``F.linear``
+with one row read weights at about half the machine's streaming rate, which a numba ``prange`` loop over output
+rows, each a vectorised dot product, reaches (docs/performance.md, "Figures behind the kernels").
 ``linear`` takes that path when it applies (CPU, float32, at most ``MAX_ROWS`` rows, no autograd) and is a
 GEMM otherwise (oneDNN's where it applies, see ``onednn``; else ``F.linear``). ``linears`` multiplies one
 input by several matrices (attention's q, k, v) in a single parallel loop: with sleeping OpenMP waiters
-(``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up of the thread pool, measured here at tens to
-a hundred microseconds. ``gated_mlp`` is a whole SwiGLU feed-forward in two such loops.
+(``OMP_WAIT_POLICY=PASSIVE``) every parallel region costs a wake-up of the thread pool, tens of microseconds or
+more. ``gated_mlp`` is a whole SwiGLU feed-forward in two such loops.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Many-row linear products on x86 CPUs through oneDNN's GEMM rather than torch's default BLAS.
 
-For float32 on a CPU, ``F.linear`` calls MKL's sgemm. On the 2-core AMD EPYC this project is measured on,
-oneDNN's JIT GEMM, which torch ships for its own fused CPU ops (``torch.ops.mkldnn._linear_pointwise``), took
-0.70-0.91x sgemm's time at a 130M model's prefill shapes (1024-4096 rows, 768 -> 3352, 1536 -> 768, ...) and
-0.62-0.85x at 8-128 rows, in interleaved pairs in one process (``python benchmarks/gemm_backends.py``, two
-runs). A prefill spends most of its time in these products.
+For float32 on a CPU, ``F.linear`` calls MKL's sgemm. On the AMD EPYC this project is measured on, oneDNN's JIT GEMM,
+which torch ships for its own fused CPU ops (``torch.ops.mkldnn._linear_pointwise``), does the products of a 130M
+model's prefill in less time (``python benchmarks/gemm_backends.py``; docs/performance.md, "Figures behind the
+kernels"). A prefill spends most of its time in these products.
 
 ``linear`` is ``F.linear`` with that GEMM where it applies (x86, float32, no autograd to record); elsewhere it is
 ``F.linear`` itself. The results differ from MKL's by float32 rounding (a different summation order).

@@ -1,9 +1,9 @@
 """RMSNorm of a few rows (decoding) in one compiled call.
 
-A decode step runs ~25 norms a token (mamba-130m) between the compiled mixer kernels, and each finds the CPU's
-caches cold: ``F.rms_norm`` of one 768-wide row took ~19 us in a hot loop but ~45 us there (pow, mean, add,
-rsqrt, mul and casts through torch's dispatcher), ~1.1 ms a token; this call takes ~12 us there. The kernel's
-row helper is also the Mamba steps' (Jamba's inner norms, Mamba-2's grouped output norm).
+A decode step can run a norm per block between the compiled mixer kernels, and each finds the CPU's caches cold:
+``F.rms_norm`` of one row is several torch ops through the dispatcher (pow, mean, add, rsqrt, mul, casts), each slow
+there, where one compiled call is a few microseconds (docs/performance.md, "Figures behind the kernels"). The
+kernel's row helper is also the Mamba steps' (Jamba's inner norms, Mamba-2's grouped output norm).
 
 Mamba-2's gated RMSNorm, ``weight * rmsnorm(y * silu(z))`` with statistics per group of channels, is one pass over
 the rows for CPU float32 inference: the torch form makes six passes over (tokens, d_inner) tensors, silu reading z

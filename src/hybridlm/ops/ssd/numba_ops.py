@@ -7,8 +7,8 @@ d_state)``); they stay in BLAS, on views of the activations' natural (b, l, h, p
 permuted. The third is h small (chunk, chunk) products per chunk, each behind four elementwise passes over
 (h, chunk, chunk) tensors (differences, mask, exp, product) in torch; here one numba task per (chunk, head)
 builds each decay row in L1 (a vectorised exp over the row), accumulates it against dt x, and adds the
-entering state's contribution and the D skip on the way, writing y once. At mamba2-130m's shapes (L 1024,
-24 heads, headdim 64, d_state 128, 2 threads) a layer's SSD took 30 ms with ``ssd_chunked``, 14 ms with this.
+entering state's contribution and the D skip on the way, writing y once: about half ``ssd_chunked``'s time at
+mamba2-130m's shapes (docs/performance.md, "Figures behind the kernels").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _chunk_outputs(x, dt, a_cum, CB, y_off, D, y):  # pragma: no cover - compile
     # y_off: (b, c, g, q, r * p), C_i . S_in per head of group g  D: (h,)
     # y_i = sum_{j <= i} CB_ij exp(a_cum_i - a_cum_j) dt_j x_j + exp(a_cum_i) y_off_i + D x_i
     # Inner loops index 1-D row views by their loop variable: LLVM vectorises those, while loops indexing the
-    # 4-D arrays directly stayed scalar (2.2x slower here).
+    # 4-D arrays directly stayed scalar (about half the speed).
     batch, _, n_heads, headdim = x.shape
     n_chunks, q = a_cum.shape[1], a_cum.shape[3]
     r = n_heads // CB.shape[2]
@@ -60,7 +60,7 @@ def _chunk_outputs(x, dt, a_cum, CB, y_off, D, y):  # pragma: no cover - compile
             for k in range(headdim):
                 acc[k] = decay_in * off[k] + d * x_i[k]
             j = 0
-            while j + 4 <= i + 1:  # four steps per pass over acc: a quarter of its loads and stores (1.3x here)
+            while j + 4 <= i + 1:  # four steps per pass over acc: a quarter of its loads and stores
                 w0, w1, w2, w3 = weight[j], weight[j + 1], weight[j + 2], weight[j + 3]
                 x0, x1, x2, x3 = xs[j], xs[j + 1], xs[j + 2], xs[j + 3]
                 for k in range(headdim):

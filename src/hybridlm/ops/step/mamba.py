@@ -5,10 +5,9 @@ over output rows that reads the weights once (``gemv.row_dot``): no tensor shape
 numba crossing per layer, or per token for a model of such blocks alone (``mamba_stack``). Every stage runs in
 parallel, the conv inside in_proj's loop (a channel's conv needs only its own in_proj row): with OpenMP's default
 spin-then-sleep waiters a parallel region inside the kernel costs about a microsecond, less than the conv, x_proj or
-the state update take on one thread (mamba-130m, 24 layers: 20.1 -> 18.4 ms a token in an interleaved A/B). Mamba-1
-reads in_proj's z rows in the state update's loop rather than with the x rows: the update's exps then run while
-those rows stream in (its 24 mixers: 14.2 -> 13.2 ms in an interleaved A/B; Mamba-2's cheaper update gained nothing
-from the same move).
+the state update take on one thread. Mamba-1 reads in_proj's z rows in the state update's loop rather than with the
+x rows: the update's exps then run while those rows stream in (Mamba-2's cheaper update gained nothing from the same
+move). The A/Bs: docs/performance.md, "Figures behind the kernels".
 """
 
 from __future__ import annotations
