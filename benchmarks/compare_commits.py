@@ -18,12 +18,14 @@ says per preset whether every tensor is bitwise equal and, if not, the largest a
 tensor (and decode step) that differs. The exit code is 1 when any preset differs or fails to run in either
 version (2 when a worker process itself fails).
 
-``--check bench``: prefill and decode time of the 130M presets (``--bench-presets``), float32. Each version keeps
-one worker process per preset, and the two answer in turn (old-new, then new-old, ...), a burst of work each with a
-pause between: a 1024-token prefill into a fresh state, or the median time per token of 64 greedy steps continuing
-a 512-token prefill's state. The ratio is the median of the pairs' ratios (quartiles beside it), flagged when above
-``--slower-than`` (1.03). On a machine whose speed drifts over minutes, this reads ratios that one fresh process per
-measurement cannot. Timings do not change the exit code.
+``--check bench``: prefill and decode time of the 130M presets (``--bench-presets``), float32. Both versions run in
+one process (each tree's package copied under its own name, ``hybridlm_old`` and ``hybridlm_new``), on the same
+weights, their calls alternated old-new, new-old: a 1024-token prefill into a fresh state a call, and a decode step a
+token after a 512-token prefill. The ratio is the median of the pairs' ratios (quartiles beside it), flagged when
+above ``--slower-than`` (1.03). On a machine whose speed drifts over minutes this reads ratios that one process per
+version cannot. An A/B of a tree against itself still read 1.21x and 1.23x for llama-130m and jamba-130m decode in
+one run here (docs/performance.md), so run a control (a tree against itself) beside a flagged ratio. Timings do
+not change the exit code.
 
 Without ``--check`` both checks run.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -58,7 +61,7 @@ PAD_ID = 0
 
 BENCH_PREFILL = 1024
 BENCH_DECODE_CONTEXT = 512
-BENCH_DECODE_STEPS = 64
+BENCH_DECODE_WARMUP = 16
 
 WORKER = "_worker"  # the hidden subcommand a version's subprocess runs
 
@@ -177,56 +180,83 @@ def worker_logits(presets: list[str], out: Path) -> None:
                                            "numba_compiles": json.dumps(_numba_compiles())})
 
 
-def worker_bench(preset: str) -> None:
-    """A persistent timing worker for one preset: reads commands on stdin ("prefill", "decode", "quit") and answers
-    each with one JSON line on stdout, so that the parent can alternate the two versions every fraction of a second.
-    "prefill": the time of a 1024-token prefill into a fresh state; "decode": the median time per token of
-    ``BENCH_DECODE_STEPS`` greedy steps continuing a copy of a 512-token prefill's state."""
+def _install_copy(src: Path, name: str, into: Path) -> None:
+    """``src``'s hybridlm package copied to ``into/name``, its imports of itself renamed: two versions then load side
+    by side in one process."""
+    dst = into / name
+    shutil.copytree(src / "hybridlm", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in dst.rglob("*.py"):
+        text = file.read_text()
+        text = re.sub(r"(?<![\w\"'./])hybridlm(?=\.[a-z_]|\s+import\b)", name, text)
+        file.write_text(re.sub(r"^import hybridlm$", f"import {name}", text, flags=re.M))
+
+
+def worker_bench(old_src: Path, new_src: Path, presets: list[str], pairs: int, out: Path) -> None:
+    """Both versions in this one process, the same weights, their calls alternated old-new / new-old: a prefill a
+    call, and a decode step a token. Each time's ratio is taken against its pair's."""
+    import importlib
+
     import torch
 
-    model = _build(preset)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(PROMPT_SEED)
-    prompt = torch.randint(0, vocab, (1, BENCH_PREFILL), generator=gen)
-    context = torch.randint(0, vocab, (1, BENCH_DECODE_CONTEXT), generator=gen)
-    with torch.no_grad():
-        prefilled = model.init_state(1)
-        first = model(context, state=prefilled, logits_to_keep=1).logits
-        print(json.dumps({"ready": True}), flush=True)
-        for line in sys.stdin:
-            command = line.strip()
-            if command == "prefill":
-                start = time.perf_counter()
+    packages = Path(tempfile.mkdtemp(prefix="compare_commits-pkgs-"))
+    _install_copy(old_src, "hybridlm_old", packages)
+    _install_copy(new_src, "hybridlm_new", packages)
+    sys.path.insert(0, str(packages))
+    versions = {v: importlib.import_module(f"hybridlm_{v}") for v in ("old", "new")}
+    results = []
+    for preset in presets:
+        models = {}
+        for v, package in versions.items():
+            torch.manual_seed(0)
+            models[v] = package.HybridLM(package.ModelConfig.preset(preset)).eval()
+        vocab = models["old"].config.vocab_size
+        gen = torch.Generator().manual_seed(PROMPT_SEED)
+        prompt = torch.randint(0, vocab, (1, BENCH_PREFILL), generator=gen)
+        context = torch.randint(0, vocab, (1, BENCH_DECODE_CONTEXT), generator=gen)
+        times: dict[str, dict[str, list[float]]] = {m: {"old": [], "new": []} for m in ("prefill", "decode")}
+        with torch.no_grad():
+            for model in models.values():  # warm-up: compiles or loads the kernels
                 model(prompt, state=model.init_state(1), logits_to_keep=1)
-                reply = {"prefill_s": time.perf_counter() - start}
-            elif command == "decode":
-                state, logits, times = prefilled.select([0]), first, []
-                for _ in range(BENCH_DECODE_STEPS):
-                    token = _greedy(logits, vocab)
+            for i in range(max(4, pairs // 20)):
+                for v in ("old", "new") if i % 2 == 0 else ("new", "old"):
                     start = time.perf_counter()
-                    logits = model(token, state=state, logits_to_keep=1).logits
-                    times.append(time.perf_counter() - start)
-                reply = {"decode_s_per_token": statistics.median(times)}
-            else:
-                break
-            print(json.dumps(reply), flush=True)
+                    models[v](prompt, state=models[v].init_state(1), logits_to_keep=1)
+                    times["prefill"][v].append(time.perf_counter() - start)
+            states = {v: m.init_state(1) for v, m in models.items()}
+            tokens = {v: _greedy(m(context, state=states[v], logits_to_keep=1).logits, vocab)
+                      for v, m in models.items()}
+            for i in range(BENCH_DECODE_WARMUP + pairs):
+                for v in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                    start = time.perf_counter()
+                    logits = models[v](tokens[v], state=states[v], logits_to_keep=1).logits
+                    elapsed = time.perf_counter() - start
+                    tokens[v] = _greedy(logits, vocab)
+                    if i >= BENCH_DECODE_WARMUP:
+                        times["decode"][v].append(elapsed)
+        results.append({"preset": preset, "times": times})
+        print(f"[bench] {preset} measured", file=sys.stderr, flush=True)
+        del models, states
+    shutil.rmtree(packages, ignore_errors=True)
+    out.write_text(json.dumps({"results": results, "loadavg_1min": os.getloadavg()[0]}))
 
 
 def worker_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog=f"compare_commits.py {WORKER}")
     p.add_argument("kind", choices=["logits", "bench"])
-    p.add_argument("--src", required=True)
+    p.add_argument("--src", required=True, help="logits: the version's src; bench: OLD_SRC,NEW_SRC")
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--presets", required=True, help="comma-separated (bench: one)")
     p.add_argument("--out", type=Path, help="the logits worker's output file")
+    p.add_argument("--pairs", type=int, default=0, help="bench: decode pairs")
     args = p.parse_args(argv)
-    _check_import(args.src)
     _set_threads(args.threads)
     presets = args.presets.split(",")
     if args.kind == "logits":
+        _check_import(args.src)
         worker_logits(presets, args.out)
     else:
-        worker_bench(presets[0])
+        old_src, new_src = (Path(s) for s in args.src.split(","))
+        worker_bench(old_src, new_src, presets, args.pairs, args.out)
 
 
 # ============================================================================================== parent
@@ -375,57 +405,30 @@ def check_logits(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- bench
-def _start_bench_worker(src: Path, preset: str, threads: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(src))
-    env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
-    cmd = [sys.executable, str(Path(__file__).resolve()), WORKER, "bench", "--src", str(src), "--threads",
-           str(threads), "--presets", preset]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if not json.loads(proc.stdout.readline() or "{}").get("ready"):
-        raise subprocess.CalledProcessError(proc.wait(), cmd)
-    return proc
-
-
-def _ask(proc: subprocess.Popen, command: str) -> dict[str, float]:
-    proc.stdin.write(command + "\n")
-    proc.stdin.flush()
-    return json.loads(proc.stdout.readline())
-
-
 def check_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Both versions' persistent workers of a preset answer in turn (old-new, new-old, ...), a burst of work each,
-    with a pause between bursts so that the idle one's OpenMP threads stop spinning before the other starts. The
-    ratio of a metric is the median of the per-pair ratios: a drift of the machine over minutes hits both sides of
-    each pair alike (one fresh process per measurement, minutes apart, read this machine's drift instead)."""
+    """Both versions in one process (see ``worker_bench``): a drift of the machine then hits both sides of each pair
+    alike, which one process per version, minutes apart or alive side by side, did not manage on this machine."""
+    out = work / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
+    pairs = 40 * args.rounds
+    cmd = [sys.executable, str(Path(__file__).resolve()), WORKER, "bench", "--src", f"{args.old_src},{args.new_src}",
+           "--threads", str(args.threads), "--presets", ",".join(args.bench_presets), "--pairs", str(pairs),
+           "--out", str(out)]
+    subprocess.run(cmd, env=env, check=True, timeout=args.timeout, stdout=sys.stderr)
+    measured = json.loads(out.read_text())
     rows = []
-    for preset in args.bench_presets:
-        procs = {"old": _start_bench_worker(args.old_src, preset, args.threads),
-                 "new": _start_bench_worker(args.new_src, preset, args.threads)}
-        try:
-            for metric, key, pairs in (("prefill", "prefill_s", max(4, args.rounds)),
-                                       ("decode", "decode_s_per_token", 4 * args.rounds)):
-                times: dict[str, list[float]] = {"old": [], "new": []}
-                for i in range(pairs + 1):  # the first pair warms both up and is dropped
-                    for version in (("old", "new") if i % 2 == 0 else ("new", "old")):
-                        time.sleep(0.3)
-                        value = _ask(procs[version], metric)[key]
-                        if i:
-                            times[version].append(value)
-                ratios = [n / o for n, o in zip(times["new"], times["old"], strict=True)]
-                ratio = statistics.median(ratios)
-                rows.append({"preset": preset, "metric": metric, "pairs": pairs,
-                             "old_median_s": statistics.median(times["old"]),
-                             "new_median_s": statistics.median(times["new"]), "ratio": ratio,
-                             "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
-                             "slower": ratio > args.slower_than, "old_s": times["old"], "new_s": times["new"]})
-                print(f"[bench] {preset} {metric}: new/old {ratio:.3f} over {pairs} pairs", file=sys.stderr,
-                      flush=True)
-        finally:
-            for proc in procs.values():
-                proc.stdin.close()
-                proc.wait(timeout=60)
-    print(f"\nbench ({args.threads} threads, float32, the versions in turn): old {describe_src(args.old_src)}, "
-          f"new {describe_src(args.new_src)}")
+    for result in measured["results"]:
+        for metric, times in result["times"].items():
+            ratios = [n / o for n, o in zip(times["new"], times["old"], strict=True)]
+            ratio = statistics.median(ratios)
+            rows.append({"preset": result["preset"], "metric": metric, "pairs": len(ratios),
+                         "old_median_s": statistics.median(times["old"]),
+                         "new_median_s": statistics.median(times["new"]), "ratio": ratio,
+                         "ratio_quartiles": statistics.quantiles(ratios, n=4), "slower": ratio > args.slower_than,
+                         "old_s": times["old"], "new_s": times["new"]})
+    print(f"\nbench ({args.threads} threads, float32, both versions in one process, calls alternated): "
+          f"old {describe_src(args.old_src)}, new {describe_src(args.new_src)}")
     print(f"prefill: {BENCH_PREFILL} tokens (ms); decode: per token after {BENCH_DECODE_CONTEXT} (ms); new/old: "
           "median of the pairs' ratios (quartiles)")
     print(f"{'preset':<13} {'metric':<8} {'pairs':>5} {'old':>10} {'new':>10} {'new/old':>8}  quartiles")
@@ -434,12 +437,12 @@ def check_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         q1, _, q3 = r["ratio_quartiles"]
         print(f"{r['preset']:<13} {r['metric']:<8} {r['pairs']:>5} {1e3 * r['old_median_s']:>10.2f} "
               f"{1e3 * r['new_median_s']:>10.2f} {r['ratio']:>8.3f}  {q1:.3f}-{q3:.3f}{flag}")
-    load = os.getloadavg()[0]
+    load = measured["loadavg_1min"]
     if load > args.threads + 0.5:
         print(f"warning: the 1-minute load average was {load:.1f} at the end ({args.threads} threads of our own, "
               f"{os.cpu_count()} CPUs): other work shared the machine and the timings are unreliable")
     return {"rows": rows, "loadavg_1min": load, "slower_than": args.slower_than, "prefill_tokens": BENCH_PREFILL,
-            "decode_context": BENCH_DECODE_CONTEXT, "decode_steps": BENCH_DECODE_STEPS}
+            "decode_context": BENCH_DECODE_CONTEXT}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -453,7 +456,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated presets of the bench check")
     p.add_argument("--threads", type=int, default=2, help="threads of each version's process (default 2)")
     p.add_argument("--rounds", type=int, default=5,
-                   help="bench length: max(4, R) prefill pairs and 4R decode pairs per preset (default 5)")
+                   help="bench length: 40R decode pairs and max(4, 2R) prefill pairs per preset (default 5)")
     p.add_argument("--slower-than", type=float, default=1.03, help="flag new/old time ratios above this")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--save-dir", type=Path, help="keep the safetensors and per-run JSON here (default: a temp dir)")
