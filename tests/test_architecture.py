@@ -17,7 +17,7 @@ from hybridlm import HybridLM, ModelConfig
 from hybridlm.bench.runner import prefill_work
 from hybridlm.config import invalid
 from hybridlm.describe import describe, format_description
-from hybridlm.layers import MIXERS, register_mixer, unregister_mixer
+from hybridlm.layers import register_mixer, unregister_mixer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,14 +98,13 @@ class EMA(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     @staticmethod
-    def check_config(config: ModelConfig) -> None:
-        for letter in {k for k in config.layers if MIXERS.get(k) is EMA}:
-            options = config.mixer_options.get(letter, {})
-            if set(options) - {"decay"}:
-                raise invalid("mixer_options", f"for {letter!r} only 'decay'", options)
-            decay = options.get("decay", 0.9)
-            if not (isinstance(decay, float) and 0 < decay < 1):
-                raise invalid("mixer_options", f"{letter!r}: a decay in (0, 1)", decay)
+    def check_config(config: ModelConfig, letter: str) -> None:
+        options = config.mixer_options.get(letter, {})
+        if set(options) - {"decay"}:
+            raise invalid("mixer_options", f"for {letter!r} only 'decay'", options)
+        decay = options.get("decay", 0.9)
+        if not (isinstance(decay, float) and 0 < decay < 1):
+            raise invalid("mixer_options", f"{letter!r}: a decay in (0, 1)", decay)
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_len: int = 0) -> EMAState:
         return EMAState(torch.zeros(batch_size, self.in_proj.in_features, device=device,

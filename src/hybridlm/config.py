@@ -40,17 +40,18 @@ def _fail(name: str, expected: str, got: Any) -> None:
 @dataclass(frozen=True)
 class MixerLetter:
     """What a config needs to know of a mixer: its kind ("attention", "mamba", ...), its label for listings, and
-    ``check(config)``, which raises ``invalid(...)`` for a config the mixer cannot be built from."""
+    ``check(config, letter)``, which raises ``invalid(...)`` for a config the mixer cannot be built from as the mixer
+    of ``letter`` (its own options are ``config.mixer_options.get(letter, {})``)."""
 
     kind: str
     label: str
-    check: Callable[[ModelConfig], None]
+    check: Callable[[ModelConfig, str], None]
 
 
 MIXER_LETTERS: dict[str, MixerLetter] = {}  # filled by hybridlm.layers
 
 
-def register_mixer(letter: str, kind: str, label: str, check: Callable[[ModelConfig], None]) -> None:
+def register_mixer(letter: str, kind: str, label: str, check: Callable[[ModelConfig, str], None]) -> None:
     """Make ``letter`` valid in ``ModelConfig.layers`` (``hybridlm.layers.MIXERS`` calls this for each mixer)."""
     if not (isinstance(letter, str) and len(letter) == 1 and letter.isupper()):
         raise ValueError(f"letter: expected one upper-case letter, got {letter!r}")
@@ -178,7 +179,7 @@ class ModelConfig:
                 or not all(isinstance(v, dict) for v in self.mixer_options.values())):
             _fail("mixer_options", "options of the mixers in layers, a dict of dicts by letter", self.mixer_options)
         for letter in dict.fromkeys(self.layers):  # each mixer checks the fields it reads
-            MIXER_LETTERS[letter].check(self)
+            MIXER_LETTERS[letter].check(self, letter)
         if not self.dt_min <= self.dt_max:
             _fail("dt_max", f"a value >= dt_min={self.dt_min}", self.dt_max)
 

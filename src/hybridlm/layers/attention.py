@@ -56,8 +56,6 @@ class KVCache:
         """Make room for ``n`` more positions (doubling the capacity when short, so growth is amortised)."""
         if self.length + n > self.k.shape[2]:
             self._grow(max(self.length + n, 2 * self.k.shape[2]))
-        if self.key_valid is not None:  # already so (positions past ``length`` are valid); kept explicit for kernels
-            self.key_valid[:, self.length:self.length + n] = True
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Write keys and values at the next positions and advance. ``valid``: which are real tokens (None: all)."""
@@ -147,7 +145,7 @@ class Attention(nn.Module):
     semantic_fields = ("n_heads", "n_kv_heads", "head_dim", "rope_theta", "attn_bias")
 
     @staticmethod
-    def check_config(config: ModelConfig) -> None:
+    def check_config(config: ModelConfig, letter: str) -> None:
         if config.n_heads % config.n_kv_heads:
             raise invalid("n_kv_heads", f"a divisor of n_heads={config.n_heads}", config.n_kv_heads)
         if config.rope_theta is not None and config.head_dim % 2:

@@ -60,7 +60,7 @@ class Mamba(FusedSSMStep, nn.Module):
             self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, *self._dt_init))
 
     @staticmethod
-    def check_config(config: ModelConfig) -> None:
+    def check_config(config: ModelConfig, letter: str) -> None:
         """Every field it reads is checked by ModelConfig itself (positive sizes, dt_min <= dt_max)."""
 
     def prefill_work(self, length: int) -> tuple[float, float]:

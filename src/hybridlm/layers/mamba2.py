@@ -60,7 +60,7 @@ class Mamba2(FusedSSMStep, nn.Module):
             self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
 
     @staticmethod
-    def check_config(config: ModelConfig) -> None:
+    def check_config(config: ModelConfig, letter: str) -> None:
         if config.d_inner % config.mamba2_headdim:
             raise invalid("mamba2_headdim", f"a divisor of expand*d_model={config.d_inner}", config.mamba2_headdim)
         n_heads = config.d_inner // config.mamba2_headdim

@@ -48,8 +48,9 @@ class Mixer(Protocol):
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None: ...
 
     @staticmethod
-    def check_config(config: ModelConfig) -> None:
-        """Raise ``ValueError`` (``config.invalid``) for a config this mixer cannot be built from."""
+    def check_config(config: ModelConfig, letter: str) -> None:
+        """Raise ``ValueError`` (``config.invalid``) for a config this mixer cannot be built from as the mixer of
+        ``letter`` (its own options: ``config.mixer_options.get(letter, {})``)."""
 
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
                    max_len: int = 0) -> LayerState:

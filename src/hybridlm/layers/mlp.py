@@ -36,9 +36,9 @@ class GatedMLP(nn.Module):
         """The block's feed-forward half of a decode step as a call on float32 arrays: hidden (b, d_model) ->
         (hidden + self(norm(hidden)), 0.0), with the weights and the block's ``norm`` bound; None where the dispatch
         picks the modules or the weights are not float32 CPU tensors."""
-        kernels, block, w = ops.step_kernel("ffn_step"), block_arguments(norm), numpy_views(self)
-        if kernels is None or block is None or w is None:
+        kernel, block, w = ops.step_kernel("mlp_step"), block_arguments(norm), numpy_views(self)
+        if kernel is None or block is None or w is None:
             return None
         _, norm_w, norm_eps = block
-        return partial(kernels.mlp_step, norm_w, norm_eps, w["gate_proj.weight"], w["up_proj.weight"],
+        return partial(kernel, norm_w, norm_eps, w["gate_proj.weight"], w["up_proj.weight"],
                        w["down_proj.weight"])

@@ -93,9 +93,9 @@ class MoE(nn.Module):
         (hidden + self(norm(hidden)), the load-balancing loss of the step), the router's softmax and top-k, the
         chosen experts and the residual in one kernel, with the weights and the block's ``norm`` bound; None where
         the dispatch picks the modules or the weights are not float32 CPU tensors."""
-        kernels, block, w = ops.step_kernel("ffn_step"), block_arguments(norm), numpy_views(self)
-        if kernels is None or block is None or w is None or "router.bias" in w:
+        kernel, block, w = ops.step_kernel("moe_step"), block_arguments(norm), numpy_views(self)
+        if kernel is None or block is None or w is None or "router.bias" in w:
             return None
         _, norm_w, norm_eps = block
-        return partial(kernels.moe_step, norm_w, norm_eps, w["router.weight"], w["gate_proj"], w["up_proj"],
+        return partial(kernel, norm_w, norm_eps, w["router.weight"], w["gate_proj"], w["up_proj"],
                        w["down_proj"], self.top_k, self.normalize_topk)

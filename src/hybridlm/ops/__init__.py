@@ -22,7 +22,7 @@ Public ops (shapes in each backend's docstring):
 
 Decode-step ops (``step_kernel(op)``: the compiled kernel, or None where the module's torch step runs):
     mamba_step, mamba2_step, attention_step   a block's step: norm, mixer and residual in one call
-    ffn_step         a block's feed-forward half (SwiGLU or MoE) in one call
+    mlp_step, moe_step                        a block's feed-forward half (SwiGLU, MoE) in one call
     fused_decode     the whole model's step as bound kernel calls (see ``hybridlm.decode``)
 """
 
@@ -67,7 +67,7 @@ dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 dispatch.register("rms_norm", "torch", rms_norm_torch)
 dispatch.register("gated_rms_norm", "torch", gated_rms_norm_torch)
-for _op in ("mamba_step", "mamba2_step", "attention_step", "ffn_step", "fused_decode"):
+for _op in ("mamba_step", "mamba2_step", "attention_step", "mlp_step", "moe_step", "fused_decode"):
     dispatch.register(_op, "torch", dispatch.MODULE_STEP)
 
 # The compiled CPU kernels, preferred on the CPU.
@@ -83,7 +83,8 @@ dispatch.register("gated_rms_norm", "numba", gated_rms_norm_numba, runs_on=_on_c
 dispatch.register("mamba_step", "numba", mamba_step_kernels.mamba_step, runs_on=_on_cpu, first=True)
 dispatch.register("mamba2_step", "numba", mamba_step_kernels.mamba2_step, runs_on=_on_cpu, first=True)
 dispatch.register("attention_step", "numba", attention_step_kernel.attention_step, runs_on=_on_cpu, first=True)
-dispatch.register("ffn_step", "numba", ffn_step_kernels, runs_on=_on_cpu, first=True)  # mlp_step and moe_step
+dispatch.register("mlp_step", "numba", ffn_step_kernels.mlp_step, runs_on=_on_cpu, first=True)
+dispatch.register("moe_step", "numba", ffn_step_kernels.moe_step, runs_on=_on_cpu, first=True)
 dispatch.register("fused_decode", "numba", dispatch.FUSED, runs_on=_on_cpu, first=True)
 
 # The official CUDA kernels, used only when installed and the tensors are on a GPU.

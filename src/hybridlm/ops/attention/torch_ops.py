@@ -1,7 +1,7 @@
 """Attention through ``scaled_dot_product_attention``, sharing KV heads (GQA), and its decode-step form.
 
 ``decode_attention_torch`` is one new query per sequence over the filled part of a KV cache; the numba
-kernel in ``attention_numba`` is its fast CPU form.
+kernel in ``attention/numba_ops`` is its fast CPU form.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Activations are (batch, length, channels), channels contiguous. ``causal_conv1d_torch`` writes the conv as
 k shifted multiply-adds on that layout (autograd-friendly, no transposes: measured here faster than
-``F.conv1d``'s depthwise path, which needs a channels-first copy in and out). ``causal_conv_numba`` has the
+``F.conv1d``'s depthwise path, which needs a channels-first copy in and out). ``conv/numba_ops`` has the
 one-pass inference kernel.
 """
 

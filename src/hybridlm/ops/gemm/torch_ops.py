@@ -1,6 +1,6 @@
 """Dense projections in plain torch: one input through several matrices, and the SwiGLU feed-forward.
 
-The torch backends of the ``linears`` and ``gated_mlp`` ops, and what the matrix-vector kernels in ``gemv``
+The torch backends of the ``linears`` and ``gated_mlp`` ops, and what the matrix-vector kernels in ``gemm/numba_ops``
 fall back to outside their domain (many rows, autograd, other dtypes), there with oneDNN's GEMM as ``linear``.
 """
 

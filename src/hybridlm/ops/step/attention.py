@@ -1,7 +1,7 @@
 """The attention decode step in one compiled call (CPU, float32 inference).
 
-q/k/v projections (one parallel matrix-vector pass, see ``gemv``), rotary positions, the cache write, the
-attention of the new query over the cache (see ``attention_numba``) and o_proj: three parallel regions and one
+q/k/v projections (one parallel matrix-vector pass, see ``gemm/numba_ops``), rotary positions, the cache write, the
+attention of the new query over the cache (see ``attention/numba_ops``) and o_proj: three parallel regions and one
 Python-to-numba crossing per layer, where the same step in torch ops costs ~60 small tensor operations
 (views, the rotary angles, the cache slices), each a few microseconds that the weights' read does not hide.
 """

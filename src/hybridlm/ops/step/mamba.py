@@ -1,8 +1,8 @@
 """The Mamba-1 and Mamba-2 decode steps, each in one compiled call (CPU, float32 inference).
 
 in_proj, conv, x_proj, dt_proj + softplus, the scan step, the gate and out_proj, each projection a ``prange`` loop
-over output rows that reads the weights once (``gemv.row_dot``): no tensor shaped by the context, one Python-to-
-numba crossing per layer, or per token for a model of such blocks alone (``mamba_stack``). Every stage runs in
+over output rows that reads the weights once (``row_dot`` of ``gemm/numba_ops``): no tensor shaped by the context, one
+Python-to-numba crossing per layer, or per token for a model of such blocks alone (``mamba_stack``). Every stage runs in
 parallel, the conv inside in_proj's loop (a channel's conv needs only its own in_proj row): with OpenMP's default
 spin-then-sleep waiters a parallel region inside the kernel costs about a microsecond, less than the conv, x_proj or
 the state update take on one thread. Mamba-1 reads in_proj's z rows in the state update's loop rather than with the
