@@ -194,8 +194,8 @@ def test_required_presets_and_their_shapes():
 SAVED = Path(__file__).parent / "data" / "configs-7a7ba9d"
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_config_files_of_an_earlier_version_load_to_the_same_config(name):
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAVED.glob("*.json") if p.stem in PRESETS))
+def test_config_files_of_an_earlier_version_load_to_the_same_config(name):  # the presets of that version
     assert ModelConfig.from_json(SAVED / f"{name}.json") == ModelConfig.preset(name)
 
 

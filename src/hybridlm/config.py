@@ -15,6 +15,7 @@ The feed-forward of each layer follows Jamba's period/offset rule: every layer g
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -252,4 +253,4 @@ class ModelConfig:
         """A named preset (``hybridlm presets`` lists them)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        return cls(name=name, **PRESETS[name])
+        return cls(name=name, **copy.deepcopy(PRESETS[name]))  # a config never shares the preset's dicts

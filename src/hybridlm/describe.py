@@ -69,9 +69,10 @@ def format_description(d: Description) -> str:
         f"{'tied' if c.tie_embeddings else 'untied'} embeddings",
         f"  parameters    {d.total_params:,} total, {d.active_params:,} active per token",
         f"  weights       {human_bytes(d.weight_bytes)} in {d.dtype}",
-        f"  state at {d.context:,} tokens, batch {d.batch} ({d.dtype} KV / conv, fp32 SSM state):",
+        f"  state at {d.context:,} tokens, batch {d.batch} ({d.dtype} KV / conv, fp32 recurrent state):",
     ]
+    width = max(len(kind) for kind in [*d.state_bytes, "total"])
     for kind, n in sorted(d.state_bytes.items()):
-        lines.append(f"    {kind:<10} {human_bytes(n):>12}   {d.state_names[kind]}")
-    lines.append(f"    {'total':<10} {human_bytes(d.state_total):>12}")
+        lines.append(f"    {kind:<{width}} {human_bytes(n):>12}   {d.state_names[kind]}")
+    lines.append(f"    {'total':<{width}} {human_bytes(d.state_total):>12}")
     return "\n".join(lines)

@@ -11,6 +11,12 @@ from typing import Any
 # GPT-NeoX tokenizer used by the Mamba checkpoints: 50277 tokens (Mamba paper, state-spaces/mamba configs).
 _NEOX_VOCAB = 50277
 
+# Linear-attention variants (options of the "L" mixer, see hybridlm.layers.linear_attention)
+_GLA = dict(feature_map="identity", decay="gla", norm="rms", output_gate=True)
+_RETNET = dict(feature_map="identity", decay="fixed", norm="rms", output_gate=True)
+_BASED = dict(feature_map="taylor", norm="normalize", short_conv=3)
+_LINEAR_TINY = dict(d_model=64, n_layers=2, layers="L", n_heads=4, d_ff=128)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # state-spaces/mamba-130m: d_model 768, 24 layers, d_state 16, d_conv 4, expand 2, vocab padded to a
     # multiple of 8 (50280), tied embeddings; 129,135,360 parameters.
@@ -29,6 +35,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "jamba-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=16, layers="MMMMAMMM", ffn="mlp",
                        moe_every=2, moe_offset=1, n_experts=16, top_k=2, moe_normalize_topk=False,
                        n_heads=12, n_kv_heads=4, d_ff=768, rope_theta=None, mamba_inner_norms=True),
+    # Gated linear attention at the Transformer++ 130M shape (12 layers, d_model 768, SwiGLU 2048): GLA's own
+    # layout (Yang et al. 2024; flash-linear-attention's GLA configs): 4 heads, keys expand 0.5 (96 a head),
+    # values expand 1 (192 a head), no feature map, a low-rank gate per key feature, RMSNorm per head and a SiLU
+    # output gate. About 124M parameters, matching mamba-130m's 129M.
+    "gla-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="L", n_heads=4, head_dim=192,
+                     d_ff=2048, mixer_options={"L": _GLA | dict(key_dim=96)}),
+    # Based's linear attention (Arora et al. 2024: the Taylor map over a feature dim of 16, 16 heads at d_model
+    # 1024; here 12 at 768, values 64 a head) with a short conv over q/k/v, at the same 130M shape.
+    "based-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="L", n_heads=12, d_ff=2048,
+                       mixer_options={"L": _BASED | dict(key_dim=16)}),
+    # Gated linear attention with a full attention layer in every four (1:3), at the same shape.
+    "gla-hybrid-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="LLLA", n_heads=4,
+                            head_dim=192, d_ff=2048, mixer_options={"L": _GLA | dict(key_dim=96)}),
     # Tiny variants with the byte-level tokenizer, for tests and quick experiments. jamba-tiny holds all
     # three mixer kinds so one small model exercises every path of a hybrid.
     "mamba-tiny": dict(d_model=64, n_layers=2, layers="M", ffn="none", d_state=8),
@@ -38,6 +57,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "jamba-tiny": dict(d_model=64, n_layers=4, layers="MASM", ffn="mlp", moe_every=2, moe_offset=1,
                        n_experts=4, top_k=2, n_heads=4, n_kv_heads=2, d_ff=96, d_state=8,
                        mamba_inner_norms=True, mamba2_d_state=16, mamba2_headdim=16, mamba2_chunk_size=16),
+    # One per linear-attention variant: Katharopoulos' elu+1 with the normaliser, Performer's FAVOR+ features,
+    # Based's Taylor map with a short conv, RetNet's fixed decay per head, GLA's gate per key feature.
+    "linear-tiny": dict(_LINEAR_TINY, mixer_options={"L": dict(feature_map="elu1")}),
+    "performer-tiny": dict(_LINEAR_TINY, mixer_options={"L": dict(feature_map="performer", n_features=32)}),
+    "based-tiny": dict(_LINEAR_TINY, mixer_options={"L": _BASED | dict(key_dim=8)}),
+    "retnet-tiny": dict(_LINEAR_TINY, mixer_options={"L": _RETNET}),
+    "gla-tiny": dict(_LINEAR_TINY, mixer_options={"L": _GLA | dict(key_dim=8)}),
     # ----- describe-only shapes of published models -----
     # Llama 2 7B (Touvron et al. 2023; meta-llama/Llama-2-7b-hf config): 6,738,415,616 parameters.
     "llama2-7b": dict(vocab_size=32000, d_model=4096, n_layers=32, layers="A", n_heads=32, d_ff=11008,

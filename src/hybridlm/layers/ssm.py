@@ -49,12 +49,12 @@ class SSMState:
 
     def select(self, rows: torch.Tensor, capacity: int = 0) -> SSMState:
         """A new state holding only sequences ``rows`` of this one (``capacity`` is for KV caches)."""
-        return SSMState(*(getattr(self, f.name)[rows] for f in fields(self)))
+        return type(self)(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     @staticmethod
     def cat(states: list[SSMState], capacity: int = 0) -> SSMState:
         """The states' sequences stacked into one batch."""
-        return SSMState(*(torch.cat([getattr(s, f.name) for s in states]) for f in fields(SSMState)))
+        return type(states[0])(*(torch.cat([getattr(s, f.name) for s in states]) for f in fields(SSMState)))
 
     def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(conv, ssm) as arrays sharing memory, for a decode kernel to update in place; None outside its domain

@@ -19,9 +19,12 @@ Public ops (shapes in each backend's docstring):
     gated_mlp        SwiGLU: (silu(x W_gate^T) * x W_up^T) W_down^T   backends: gemv (fused for decode rows;
                                                                        oneDNN's GEMMs for more), torch
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
+    linear_attention decayed linear attention over a sequence          backends: chunked (torch matmuls),
+                                                                       quadratic (the O(l²) form), reference
 
 Decode-step ops (``step_kernel(op)``: the compiled kernel, or None where the module's torch step runs):
-    mamba_step, mamba2_step, attention_step   a block's step: norm, mixer and residual in one call
+    mamba_step, mamba2_step, attention_step,  a block's step: norm, mixer and residual in one call
+    linear_attention_step
     mlp_step, moe_step                        a block's feed-forward half (SwiGLU, MoE) in one call
     fused_decode     the whole model's step as bound kernel calls (see ``hybridlm.decode``)
 """
@@ -39,6 +42,8 @@ from hybridlm.ops.gemm.numba_ops import gated_mlp as gated_mlp_gemv
 from hybridlm.ops.gemm.numba_ops import linear as linear_gemv
 from hybridlm.ops.gemm.numba_ops import linears as linears_gemv
 from hybridlm.ops.gemm.torch_ops import gated_mlp_torch, linears_torch
+from hybridlm.ops.linear_attention.chunked import linear_attention_chunked, linear_attention_quadratic
+from hybridlm.ops.linear_attention.reference import linear_attention_reference
 from hybridlm.ops.norm.numba_ops import gated_rms_norm_numba, rms_norm_numba
 from hybridlm.ops.norm.torch_ops import gated_rms_norm_torch, rms_norm_torch
 from hybridlm.ops.scan.cuda_ops import mamba_ssm_available, selective_scan_mamba_ssm
@@ -49,6 +54,7 @@ from hybridlm.ops.ssd.numba_ops import ssd_numba
 from hybridlm.ops.ssd.reference import ssd_reference
 from hybridlm.ops.step import attention as attention_step_kernel
 from hybridlm.ops.step import ffn as ffn_step_kernels
+from hybridlm.ops.step import linear_attention as linear_attention_step_kernel
 from hybridlm.ops.step import mamba as mamba_step_kernels
 
 # numba is a core dependency (pyproject.toml): the CPU kernels are imported unconditionally.
@@ -67,7 +73,11 @@ dispatch.register("linears", "torch", linears_torch)
 dispatch.register("gated_mlp", "torch", gated_mlp_torch)
 dispatch.register("rms_norm", "torch", rms_norm_torch)
 dispatch.register("gated_rms_norm", "torch", gated_rms_norm_torch)
-for _op in ("mamba_step", "mamba2_step", "attention_step", "mlp_step", "moe_step", "fused_decode"):
+dispatch.register("linear_attention", "chunked", linear_attention_chunked)
+dispatch.register("linear_attention", "quadratic", linear_attention_quadratic)
+dispatch.register("linear_attention", "reference", linear_attention_reference)
+for _op in ("mamba_step", "mamba2_step", "attention_step", "linear_attention_step", "mlp_step", "moe_step",
+            "fused_decode"):
     dispatch.register(_op, "torch", dispatch.MODULE_STEP)
 
 # The compiled CPU kernels, preferred on the CPU.
@@ -83,6 +93,8 @@ dispatch.register("gated_rms_norm", "numba", gated_rms_norm_numba, runs_on=_on_c
 dispatch.register("mamba_step", "numba", mamba_step_kernels.mamba_step, runs_on=_on_cpu, first=True)
 dispatch.register("mamba2_step", "numba", mamba_step_kernels.mamba2_step, runs_on=_on_cpu, first=True)
 dispatch.register("attention_step", "numba", attention_step_kernel.attention_step, runs_on=_on_cpu, first=True)
+dispatch.register("linear_attention_step", "numba", linear_attention_step_kernel.linear_attention_step,
+                  runs_on=_on_cpu, first=True)
 dispatch.register("mlp_step", "numba", ffn_step_kernels.mlp_step, runs_on=_on_cpu, first=True)
 dispatch.register("moe_step", "numba", ffn_step_kernels.moe_step, runs_on=_on_cpu, first=True)
 dispatch.register("fused_decode", "numba", dispatch.FUSED, runs_on=_on_cpu, first=True)
@@ -101,6 +113,12 @@ def selective_scan(x: torch.Tensor, *args, backend: str | None = None, **kwargs)
 def ssd(x: torch.Tensor, *args, backend: str | None = None, **kwargs):
     """Mamba-2 SSD -> (y, final_state). See ``ssd_reference`` for the contract."""
     return dispatch.kernel("ssd", x.device, backend)(x, *args, **kwargs)
+
+
+def linear_attention(q: torch.Tensor, *args, backend: str | None = None, **kwargs):
+    """Linear attention with a decay per head, per key feature or none -> (o, final_state). See
+    ``linear_attention_reference`` for the contract."""
+    return dispatch.kernel("linear_attention", q.device, backend)(q, *args, **kwargs)
 
 
 def causal_conv1d(x: torch.Tensor, *args, backend: str | None = None, **kwargs):
@@ -167,4 +185,4 @@ def step_kernel(op: str) -> object | None:
 
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "decode_attention", "dispatch", "gated_mlp", "gated_rms_norm",
-           "linear", "linears", "rms_norm", "selective_scan", "ssd", "step_kernel"]
+           "linear", "linear_attention", "linears", "rms_norm", "selective_scan", "ssd", "step_kernel"]
