@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridlm.cli import main
-from hybridlm.compare import FAMILIES, LABELS, family_config
+from hybridlm.compare import DEFAULT_FAMILIES, FAMILIES, LABELS, family_config
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def test_compare_quick_writes_everything(tmp_path, capsys):
     main(["compare", "--quick", "--out", str(out), "--no-progress"])
     table = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert [f["family"] for f in results["families"]] == list(FAMILIES)
+    assert [f["family"] for f in results["families"]] == DEFAULT_FAMILIES
     report = (out / "report.md").read_text()
     for family in results["families"]:
         assert LABELS[family["family"]] in table and LABELS[family["family"]] in report
@@ -62,6 +62,27 @@ def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens
     assert [p.name for p in (tmp_path / "cmp").iterdir() if p.name.startswith(".runs-")] == []
     with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
         compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
+
+
+def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
+    """Zoology's setting in miniature: MQAR, every family at each width, a table of accuracy and state by width."""
+    from hybridlm.compare import CompareSettings, compare
+
+    settings = CompareSettings.quick(task="mqar", task_params={"n_pairs": 4, "vocab_size": 32}, widths=[16, 32],
+                                     families=["transformer", "gla", "based"], short_length=None, short_steps=0)
+    results = compare(settings, tmp_path / "cmp", progress=False)
+    runs = [(f["family"], f["d_model"]) for f in results["families"]]
+    assert runs == [(f, w) for w in (16, 32) for f in ("transformer", "gla", "based")]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Recall vs width" in report and "d_model 16 | d_model 32" in report
+    by_run = {f["run"]: f for f in results["families"]}
+    assert by_run["gla-d32"]["state_bytes"]["32"] == by_run["gla-d32"]["state_bytes"]["64"]  # fixed state
+    assert by_run["gla-d32"]["state_bytes"]["32"] > by_run["gla-d16"]["state_bytes"]["32"]  # grows with width
+    assert (tmp_path / "cmp" / "runs" / "based-d16" / "checkpoint" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"task 'mqar': unknown parameter\(s\) \['pairs'\]"):
+        compare(CompareSettings.quick(task="mqar", task_params={"pairs": 4}), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="widths: expected positive integers"):
+        compare(CompareSettings.quick(widths=[0]), tmp_path / "bad", progress=False)
 
 
 def test_families_are_matched_in_size():

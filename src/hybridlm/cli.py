@@ -227,6 +227,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
             print(f"plot: {path}", file=sys.stderr)
 
 
+def _task_params(given: list[str] | None) -> dict[str, int] | None:
+    # ["n_pairs=16", "vocab_size=128"] -> {"n_pairs": 16, "vocab_size": 128}
+    if not given:
+        return None
+    params = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        if not name or not value.lstrip("-").isdigit():
+            raise ValueError(f"--task-param: expected NAME=INTEGER (e.g. n_pairs=16), got {item!r}")
+        params[name.strip()] = int(value)
+    return params
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from hybridlm.compare import CompareSettings, compare
     from hybridlm.compare_report import summary_table
@@ -239,7 +252,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
              "steps": args.steps, "short_length": args.short_length, "short_steps": args.short_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_lengths": ints(args.lengths), "eval_samples": args.samples, "contexts": ints(args.contexts),
-             "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay}
+             "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay,
+             "widths": ints(args.widths), "task_params": _task_params(args.task_param)}
     given = {k: v for k, v in given.items() if v is not None}
     settings = CompareSettings.quick(**given) if args.quick else CompareSettings(**given)
     results = compare(settings, args.out, progress=not args.no_progress)
@@ -349,10 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="train Transformer, Mamba-1, Mamba-2 and hybrid side by side on a task; "
+    p = sub.add_parser("compare", help="train Transformer, Mamba-1, Mamba-2, hybrid (and linear-attention) models "
+                                       "side by side on a task; "
                                        "report accuracy vs length, speed and memory vs context")
     p.add_argument("--task", help="induction_heads (default), selective_copy or mqar")
-    p.add_argument("--families", help="comma-separated subset of transformer,mamba,mamba2,hybrid")
+    p.add_argument("--families", help="comma-separated families: transformer,mamba,mamba2,hybrid (the default) and "
+                                      "linear,performer,based,retnet,gla")
+    p.add_argument("--task-param", action="append", metavar="NAME=INT",
+                   help="a task parameter, e.g. n_pairs=16 for mqar (repeat for more)")
+    p.add_argument("--widths", help="comma-separated widths (d_model): train every family at each (recall vs "
+                                    "width, as Zoology)")
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layers", type=int)
     p.add_argument("--train-length", type=int, help="training sequence length (default 256)")

@@ -10,6 +10,7 @@ inference-state bytes (KV cache or fixed SSM state) against context length, and 
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -32,21 +33,35 @@ from hybridlm.train import TrainConfig, train
 
 # Layer patterns of the families at n_layers = 2 (tiled for more). The hybrid is Jamba-style: a Mamba layer
 # then an attention layer without positional encoding (Jamba uses none: the Mamba layers carry position).
+# The linear-attention families are the "L" mixer's published variants (see hybridlm.layers.linear_attention).
 FAMILIES: dict[str, dict[str, Any]] = {
     "transformer": dict(layers="A", ffn="mlp", batch_scale=4),
     "mamba": dict(layers="M", ffn="none"),
     "mamba2": dict(layers="S", ffn="none"),
     "hybrid": dict(layers="MA", ffn="mlp", rope_theta=None),
+    "linear": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="elu1")}),
+    "performer": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="performer")}),
+    "based": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="taylor", short_conv=3)}),
+    "retnet": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="fixed",
+                                                                    norm="rms", output_gate=True)}),
+    "gla": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="gla", norm="rms",
+                                                                 output_gate=True)}),
 }
+DEFAULT_FAMILIES = ["transformer", "mamba", "mamba2", "hybrid"]  # the README's run; --families names the others
 LABELS = {"transformer": "Transformer (RoPE)", "mamba": "Mamba-1", "mamba2": "Mamba-2",
-          "hybrid": "Hybrid (Mamba + attention, no PE)"}
+          "hybrid": "Hybrid (Mamba + attention, no PE)", "linear": "Linear attention (elu+1)",
+          "performer": "Performer (FAVOR+)", "based": "Based (Taylor + conv)", "retnet": "RetNet (fixed decay)",
+          "gla": "GLA (gated)"}
 
 
 @dataclass
 class CompareSettings:
     task: str = "induction_heads"
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    task_params: dict[str, int] = field(default_factory=dict)  # e.g. mqar's {"n_pairs": 16, "vocab_size": 128}
+    families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
     d_model: int = 64
+    # Train every family at each of these widths (d_model) in place of d_model: Zoology's recall-vs-width curve
+    widths: list[int] | None = None
     n_layers: int = 2
     # The Mamba paper's setting: trained at length 256 (Table 11), with a length curriculum: the first
     # `short_steps` steps see 4 sequences of 64 in place of each one of 256 (the same tokens). At 256 from the
@@ -94,12 +109,14 @@ class CompareSettings:
             raise ValueError(f"families: expected a non-empty list from {list(FAMILIES)}, got {self.families}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers: expected an integer >= 1, got {self.workers!r}")
-        for name in ("eval_lengths", "contexts"):
+        for name in ("eval_lengths", "contexts", "widths"):
             values = getattr(self, name)
-            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+            if name == "widths" and values is None:
+                continue
+            if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
                 raise ValueError(f"{name}: expected positive integers, got {values}")
         # a specific error for an unknown task, a too short length or a bad curriculum
-        TaskSource(get_task(self.task), self.train_length, short_length=self.short_length,
+        TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.short_length,
                    short_steps=self.short_steps)
 
 
@@ -108,7 +125,7 @@ def family_config(family: str, d_model: int, n_layers: int, vocab_size: int) -> 
     the Transformer's MLP width and Mamba-2's state are chosen to land within ~20% of it in parameters."""
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
-    spec = dict(FAMILIES[family])
+    spec = copy.deepcopy(FAMILIES[family])
     pattern = spec.pop("layers")
     spec.pop("batch_scale", None)
     if n_layers % len(pattern):
@@ -153,12 +170,25 @@ def _eval_batch(length: int) -> int:
     return max(1, min(16, 32768 // length))
 
 
-def train_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True
-                 ) -> tuple[HybridLM, dict[str, Any]]:
-    """Train ``family`` on the task and score it at every evaluation length; returns the model and its results
-    (the run, with its checkpoint, is written to ``out_dir / family``)."""
-    task = get_task(settings.task)
-    config = family_config(family, settings.d_model, settings.n_layers, task.vocab_size)
+def runs(settings: CompareSettings) -> list[tuple[str, int]]:
+    """The (family, d_model) pairs to train: each family at ``d_model``, or at each of ``widths``."""
+    return [(f, w) for w in (settings.widths or [settings.d_model]) for f in settings.families]
+
+
+def run_name(family: str, d_model: int, settings: CompareSettings) -> str:
+    """The run's directory and key: the family, with its width when the comparison sweeps widths."""
+    return f"{family}-d{d_model}" if settings.widths else family
+
+
+def train_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True,
+                 d_model: int | None = None) -> tuple[HybridLM, dict[str, Any]]:
+    """Train ``family`` (at width ``d_model``, default ``settings.d_model``) on the task and score it at every
+    evaluation length; returns the model and its results (the run, with its checkpoint, is written to
+    ``out_dir / run_name(...)``)."""
+    task = get_task(settings.task, **settings.task_params)
+    d_model = d_model or settings.d_model
+    name = run_name(family, d_model, settings)
+    config = family_config(family, d_model, settings.n_layers, task.vocab_size)
     scale = FAMILIES[family].get("batch_scale", 1)
     steps, batch_size = max(1, settings.steps // scale), settings.batch_size * scale
     train_config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=settings.train_length,
@@ -168,9 +198,9 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
     source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.short_length,
                         short_steps=settings.short_steps // scale)
     if progress:
-        print(f"[{family}] {config.summary()}; {steps} steps of {batch_size} sequences", file=sys.stderr)
+        print(f"[{name}] {config.summary()}; {steps} steps of {batch_size} sequences", file=sys.stderr)
     t = time.perf_counter()
-    result = train(config, train_config, source, out_dir / family, progress=progress)
+    result = train(config, train_config, source, out_dir / name, progress=progress)
     train_s = time.perf_counter() - t
     model = result.model.eval()
     losses = [r["loss"] for r in result.history if "loss" in r]
@@ -182,7 +212,8 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
         accuracy[str(length)] = s.accuracy
     eval_s = time.perf_counter() - t
     return model, {
-        "family": family, "label": LABELS[family], "layers": config.layers, "ffn": config.ffn_pattern,
+        "family": family, "run": name, "d_model": d_model, "label": LABELS[family], "layers": config.layers,
+        "ffn": config.ffn_pattern,
         "config": config.to_dict(), "parameters": model.num_parameters(),
         "train_steps": steps, "train_batch_size": batch_size,
         "train_seconds": train_s, "train_tokens_per_s": result.train_tokens_per_s,
@@ -192,7 +223,7 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
 
 def measure_family(model: HybridLM, settings: CompareSettings) -> dict[str, Any]:
     """Prefill and decode speed (batch 1) and inference-state bytes of ``model`` at every context."""
-    vocab_size = get_task(settings.task).vocab_size
+    vocab_size = get_task(settings.task, **settings.task_params).vocab_size
     measure_speed(model, min(settings.contexts), 1, vocab_size)  # warm-up (allocations, kernels)
     return {
         "speed": {str(c): measure_speed(model, c, settings.decode_steps, vocab_size) for c in settings.contexts},
@@ -200,9 +231,10 @@ def measure_family(model: HybridLM, settings: CompareSettings) -> dict[str, Any]
     }
 
 
-def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train, score and measure one family in this process."""
-    model, result = train_family(family, settings, out_dir, progress)
+def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True,
+               d_model: int | None = None) -> dict[str, Any]:
+    """Train, score and measure one family (at width ``d_model``) in this process."""
+    model, result = train_family(family, settings, out_dir, progress, d_model)
     return {**result, **measure_family(model, settings)}
 
 
@@ -213,19 +245,20 @@ def _set_threads(threads: int) -> int:
     return previous
 
 
-def _train_in_child(family: str, settings: CompareSettings, out_dir: Path, progress: bool) -> dict[str, Any]:
+def _train_in_child(family: str, d_model: int, settings: CompareSettings, out_dir: Path, progress: bool
+                    ) -> dict[str, Any]:
     from hybridlm.bench.runner import set_threads
 
     set_threads(settings.threads)
-    return train_family(family, settings, out_dir, progress)[1]
+    return train_family(family, settings, out_dir, progress, d_model)[1]
 
 
-def _measure_in_child(family: str, settings: CompareSettings, out_dir: Path) -> dict[str, Any]:
+def _measure_in_child(name: str, settings: CompareSettings, out_dir: Path) -> dict[str, Any]:
     from hybridlm.bench.runner import set_threads
     from hybridlm.train import checkpoint_path
 
     set_threads(settings.threads)
-    return measure_family(HybridLM.from_pretrained(checkpoint_path(out_dir / family)).eval(), settings)
+    return measure_family(HybridLM.from_pretrained(checkpoint_path(out_dir / name)).eval(), settings)
 
 
 def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> list[dict[str, Any]]:
@@ -242,18 +275,19 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
     try:
         with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
             # The Transformer last: it trains fastest, so it fills in beside the slower SSMs.
-            order = sorted(settings.families, key=lambda f: FAMILIES[f].get("batch_scale", 1))
-            jobs = {pool.submit(_train_in_child, f, settings, out_dir, bars): f for f in order}
+            order = sorted(runs(settings), key=lambda run: FAMILIES[run[0]].get("batch_scale", 1))
+            jobs = {pool.submit(_train_in_child, f, w, settings, out_dir, bars): run_name(f, w, settings)
+                    for f, w in order}
             trained = {}
             for job in as_completed(jobs):
                 r = trained[jobs[job]] = job.result()
                 if progress and not bars:
-                    print(f"[{r['family']}] trained in {r['train_seconds']:.0f} s, final loss "
+                    print(f"[{r['run']}] trained in {r['train_seconds']:.0f} s, final loss "
                           f"{r['final_train_loss']:.2e}; accuracy by length: "
                           + ", ".join(f"{n}: {100 * a:.1f}%" for n, a in r["accuracy"].items()), file=sys.stderr)
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            return [{**trained[f], **pool.submit(_measure_in_child, f, settings, out_dir).result()}
-                    for f in settings.families]
+            names = [run_name(f, w, settings) for f, w in runs(settings)]
+            return [{**trained[n], **pool.submit(_measure_in_child, n, settings, out_dir).result()} for n in names]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -270,21 +304,21 @@ def compare(settings: CompareSettings, out_dir: str | Path, progress: bool = Tru
     started = time.perf_counter()
     # The runs (checkpoints, metrics) go to a fresh directory that replaces ``runs/`` only once every family
     # is done: a second comparison into the same directory starts clean, and a failed one leaves the last.
-    runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out_dir))
+    run_dir = Path(tempfile.mkdtemp(prefix=".runs-", dir=out_dir))
     try:
         if settings.isolate:
-            families = _run_isolated(settings, runs, progress)
+            families = _run_isolated(settings, run_dir, progress)
         else:
             restore = _set_threads(settings.threads)
             try:
-                families = [run_family(f, settings, runs, progress) for f in settings.families]
+                families = [run_family(f, settings, run_dir, progress, w) for f, w in runs(settings)]
             finally:
                 _set_threads(restore)
         if (out_dir / "runs").exists():
             shutil.rmtree(out_dir / "runs")
-        os.replace(runs, out_dir / "runs")
+        os.replace(run_dir, out_dir / "runs")
     finally:
-        shutil.rmtree(runs, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     results = {
         "settings": asdict(settings), "families": families,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

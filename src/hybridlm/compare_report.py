@@ -14,7 +14,12 @@ from hybridlm.atomic_files import atomic_write_text
 from hybridlm.describe import human_bytes
 
 PLOTS = {"accuracy": "accuracy_vs_length.png", "decode": "decode_vs_context.png",
-         "prefill": "prefill_vs_context.png", "memory": "state_vs_context.png"}
+         "prefill": "prefill_vs_context.png", "memory": "state_vs_context.png", "width": "accuracy_vs_width.png"}
+
+
+def _label(f: dict[str, Any], results: dict[str, Any]) -> str:
+    # a run's name in tables and legends: the family, with its width when the comparison sweeps widths
+    return f"{f['label']} d{f['d_model']}" if results["settings"].get("widths") else f["label"]
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -27,7 +32,7 @@ def summary_table(results: dict[str, Any]) -> str:
     rows = []
     for f in results["families"]:
         sp = f["speed"][top]
-        rows.append([f["label"], f["layers"], f"{f['parameters']:,}"]
+        rows.append([_label(f, results), f["layers"], f"{f['parameters']:,}"]
                     + [f"{100 * f['accuracy'][n]:.1f}%" for n in lengths]
                     + [f"{f['train_tokens_per_s']:,.0f}", f"{sp['prefill_s']:.3f}", f"{sp['decode_ms_per_token']:.2f}",
                        human_bytes(f["state_bytes"][top])])
@@ -42,7 +47,7 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
 
 def _by_context(results: dict[str, Any], key: str, fmt) -> str:
     contexts = [str(c) for c in results["settings"]["contexts"]]
-    rows = [[f["label"]] + [fmt(f, c) for c in contexts] for f in results["families"]]
+    rows = [[_label(f, results)] + [fmt(f, c) for c in contexts] for f in results["families"]]
     return _markdown(["family"] + [f"{int(c):,}" for c in contexts], rows)
 
 
@@ -68,6 +73,7 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
         "",
         summary_table(results),
         "",
+        *_width_section(results),
         "## Prefill time (s, batch 1) vs context",
         "",
         _by_context(results, "prefill", lambda f, c: f"{f['speed'][c]['prefill_s']:.4f}"),
@@ -83,7 +89,7 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
         "## Training",
         "",
         _markdown(["family", "steps x batch", "train time (s)", "final train loss", "tokens/s"],
-                  [[f["label"], f"{f['train_steps']:,} x {f['train_batch_size']}", f"{f['train_seconds']:.1f}",
+                  [[_label(f, results), f"{f['train_steps']:,} x {f['train_batch_size']}", f"{f['train_seconds']:.1f}",
                     f"{f['final_train_loss']:.2e}", f"{f['train_tokens_per_s']:,.0f}"] for f in results["families"]]),
         "",
     ]
@@ -92,6 +98,28 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
     if plot_note:
         lines += [f"_{plot_note}_", ""]
     return "\n".join(lines)
+
+
+def width_table(results: dict[str, Any]) -> str:
+    """Accuracy at the training length by family and width, with the state each holds there: Zoology's curve."""
+    s = results["settings"]
+    n = str(s["train_length"])
+    families = list(dict.fromkeys(f["family"] for f in results["families"]))
+    cell = {(f["family"], f["d_model"]): f for f in results["families"]}
+    rows = [[next(f["label"] for f in results["families"] if f["family"] == family)]
+            + [f"{100 * cell[family, w]['accuracy'][n]:.1f}% ({human_bytes(cell[family, w]['state_bytes'][n])})"
+               for w in s["widths"]] for family in families]
+    return _markdown(["family"] + [f"d_model {w}" for w in s["widths"]], rows)
+
+
+def _width_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
+    if not s.get("widths"):
+        return []
+    return [f"## Recall vs width (accuracy at length {s['train_length']}; inference state there)", "",
+            "Zoology (Arora et al. 2023) found attention solves associative recall at every width while "
+            "attention-free models need a width (a state) growing with the number of pairs.", "",
+            width_table(results), ""]
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -108,7 +136,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         for i, f in enumerate(results["families"]):  # distinct markers and dashes: equal results overlap
             ax.plot(xs, [ys_of(f, x) for x in xs], marker="os^D"[i % 4], linestyle=("-", "--", "-.", ":")[i % 4],
-                    markersize=7 - i, label=f["label"])
+                    markersize=max(3, 7 - i), label=_label(f, results))
         ax.set_xscale("log", base=2)
         if log_y:
             ax.set_yscale("log")
@@ -136,6 +164,26 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
          "prefill time vs context (batch 1)", log_y=True)
     plot("memory", s["contexts"], lambda f, c: f["state_bytes"][str(c)], "bytes",
          "inference state (KV cache or SSM state) vs context", log_y=True)
+    if s.get("widths"):
+        n = str(s["train_length"])
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for i, family in enumerate(dict.fromkeys(f["family"] for f in results["families"])):
+            runs = [f for f in results["families"] if f["family"] == family]
+            ax.plot([f["d_model"] for f in runs], [100 * f["accuracy"][n] for f in runs], marker="os^D"[i % 4],
+                    linestyle=("-", "--", "-.", ":")[i % 4], label=runs[0]["label"])
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("model width (d_model)")
+        ax.set_ylabel(f"accuracy at length {n} (%)")
+        ax.set_title(f"{s['task']}: recall vs width", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = out_dir / f".{PLOTS['width']}.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out_dir / PLOTS["width"])
+        written["width"] = PLOTS["width"]
     return written
 
 

@@ -16,6 +16,9 @@ def get_task(name: str, **params: Any) -> Task:
     """The task called ``name`` (one of ``TASKS``) with its parameters (defaults: each paper's setting)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    unknown = sorted(set(params) - set(TASKS[name].params))
+    if unknown:
+        raise ValueError(f"task {name!r}: unknown parameter(s) {unknown}; expected some of {list(TASKS[name].params)}")
     return TASKS[name](**params)
 
 
