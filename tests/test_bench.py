@@ -1,6 +1,7 @@
 """`hybridlm bench` end to end on tiny shapes: measurements present, bounds sane, peers reported honestly."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -170,3 +171,17 @@ def test_rounds_alternate_subjects_and_report_the_median_per_point():
     assert "median over 2 rounds" in format_report(results)
     with pytest.raises(SystemExit, match="--rounds"):
         main(["bench", "--presets", "mamba-tiny", "--rounds", "0"])
+
+
+def test_bench_of_a_linear_attention_preset_times_its_chunked_and_quadratic_forms():
+    results = run(tiny_settings(presets=("based-tiny",), decode_contexts=(8, 64)), log=lambda _: None)
+    entry = results["presets"]["based-tiny"]
+    assert entry["limits"]["decode"][64]["state_bytes"] == entry["limits"]["decode"][8]["state_bytes"] > 0
+    forms = entry["linear_attention_forms"]
+    assert set(forms) == {16, 32}
+    assert all(f["chunked_ms"] > 0 and f["quadratic_ms"] > 0 and f["quadratic_over_chunked"] > 0
+               for f in forms.values())
+    assert "quadratic/chunked" in format_report(results)
+    assert os.environ.get("HYBRIDLM_BACKEND") is None  # the forced form does not outlive the bench
+    gla = run(tiny_settings(presets=("gla-tiny",), decode_contexts=(8,), train_length=0), log=lambda _: None)
+    assert "linear_attention_forms" not in gla["presets"]["gla-tiny"]  # a decay per feature has no quadratic form

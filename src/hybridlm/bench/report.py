@@ -82,6 +82,12 @@ def format_report(results: dict[str, Any]) -> str:
             if ours.get("train"):
                 parts += [f"ours/{p} {ours['train']['tok_s'] / t['tok_s']:.2f}x" for p, t in train if p != "hybridlm"]
             out += ["", f"forward+backward at {train[0][1]['length']} tokens: " + ", ".join(parts)]
+        forms = entry.get("linear_attention_forms")
+        if forms:
+            out += ["", "one linear-attention layer, batch 1: its chunked form vs the quadratic form (q kᵀ ⊙ D) v"]
+            out += _table(["tokens", "chunked ms", "quadratic ms", "quadratic/chunked"],
+                          [[str(n), _fmt(f.get("chunked_ms"), 2), _fmt(f.get("quadratic_ms"), 2),
+                            _fmt(f.get("quadratic_over_chunked"), 2)] for n, f in forms.items()])
         for p, why in entry.get("not_measured", {}).items():
             out.append(f"{p}: not measured ({why})")
         skipped = {p: s["skipped"] for p, s in subjects.items() if s.get("skipped")}

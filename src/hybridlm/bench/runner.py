@@ -202,6 +202,43 @@ def scan_benchmark(machine: Machine, repeats: int) -> dict[str, Any]:
             "ratio_to_bound": seconds / bound}
 
 
+def linear_attention_forms(model: HybridLM, lengths: tuple[int, ...], repeats: int, budget_s: float
+                           ) -> dict[str, Any] | None:
+    """One linear-attention layer of ``model`` (its first) over a prompt of each length, batch 1, as its chunked form
+    and as the quadratic form (q kᵀ ⊙ D) v a Transformer's attention has: ms each and their ratio. None where the model
+    has no such layer or its decay is per key feature (the quadratic form would need an (l, l, features) tensor)."""
+    from hybridlm.layers.linear_attention import LinearAttention
+    from hybridlm.ops import dispatch
+
+    mixers = [b.mixer for b in model.layers if isinstance(b.mixer, LinearAttention)]
+    if not mixers or mixers[0].options.decay == "gla":
+        return None
+    mixer, out = mixers[0], {}
+    gen = torch.Generator().manual_seed(0)
+    spent = time.perf_counter()
+    saved = os.environ.get(dispatch.ENV_VAR)
+    try:
+        for length in sorted(lengths):
+            x = torch.randn(1, length, model.config.d_model, generator=gen)
+            row = {}
+            for form in ("chunked", "quadratic"):
+                left = budget_s - (time.perf_counter() - spent)
+                if left <= 0:
+                    break
+                os.environ[dispatch.ENV_VAR] = f"linear_attention={form}"  # the dispatch's own way to force a form
+                with torch.no_grad():
+                    row[f"{form}_ms"] = 1e3 * median_time(lambda x=x: mixer(x), repeats, left)
+            if len(row) == 2:
+                row["quadratic_over_chunked"] = row["quadratic_ms"] / row["chunked_ms"]
+            out[length] = row
+    finally:
+        if saved is None:
+            os.environ.pop(dispatch.ENV_VAR, None)
+        else:
+            os.environ[dispatch.ENV_VAR] = saved
+    return out
+
+
 def run(settings: BenchSettings, log=print) -> dict[str, Any]:
     """Measure everything in ``settings``; returns a JSON-able dict (see ``report.format_report``). torch and
     numba run at ``settings.threads`` threads meanwhile; their previous counts are restored afterwards, so a
@@ -259,6 +296,10 @@ def _run(settings: BenchSettings, log) -> dict[str, Any]:
         machine_now = Machine.median(machines)
         entry["machine"] = machine_now.to_dict()
         entry["limits"] = limits(model, machine_now, settings)
+        forms = linear_attention_forms(model, settings.prefill_lengths, settings.repeats, settings.budget_s)
+        if forms is not None:
+            log(f"{preset}: linear attention, chunked vs quadratic ...")
+            entry["linear_attention_forms"] = forms
         del model
         gc.collect()
     return results
