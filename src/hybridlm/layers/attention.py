@@ -251,24 +251,10 @@ class Attention(nn.Module):
             key_valid = None if state.key_valid is None else state.key_valid[:, : state.length]
         else:
             k, v, key_valid = self._window_keys(state, k, v, mask)
-        past = k.shape[2] - length  # keys before the first query
         if self.window is not None and k.shape[2] > self.window:  # banded, never an (l, keys) mask
             y = sliding_window_attention(q, k, v, self.window, key_valid)
-            return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
-
-        # The window (if any) reaches every key: full causal attention
-        attn_mask, is_causal = None, False
-        if key_valid is None and past == 0:
-            is_causal = length > 1
-        elif key_valid is not None or length > 1:
-            # Query i sits at absolute position past + i and sees keys j <= past + i that are not padding;
-            # it always sees itself, so a padding query's row is never empty (no NaN).
-            keys = torch.arange(k.shape[2], device=x.device)
-            query_pos = past + torch.arange(length, device=x.device)[:, None]
-            attn_mask = keys <= query_pos
-            if key_valid is not None:
-                attn_mask = (attn_mask & key_valid[:, None, None, :]) | (keys == query_pos)
-        y = sdpa(q, k, v, attn_mask, is_causal)
+        else:  # the window (if any) reaches every key: causal attention
+            y = sdpa(q, k, v, *_causal_mask(length, k.shape[2], key_valid, x.device))
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
 
     def _window_keys(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -339,6 +325,25 @@ class Attention(nn.Module):
             return out
 
         return step
+
+
+def _causal_mask(length: int, keys: int, key_valid: torch.Tensor | None, device: torch.device
+                 ) -> tuple[torch.Tensor | None, bool]:
+    # key_valid: (b, keys) bool or None -> SDPA's (attn_mask broadcastable to (b, h, length, keys), is_causal) for
+    # ``length`` queries that are the last of ``keys`` positions
+    past = keys - length  # keys before the first query
+    if key_valid is None and past == 0:
+        return None, length > 1
+    if key_valid is None and length == 1:
+        return None, False  # one query after the cache: it sees every key
+    # Query i sits at position past + i and sees keys j <= past + i that are not padding; it always sees itself,
+    # so a padding query's row is never empty (no NaN).
+    positions = torch.arange(keys, device=device)
+    query_pos = past + torch.arange(length, device=device)[:, None]
+    attn_mask = positions <= query_pos
+    if key_valid is not None:
+        attn_mask = (attn_mask & key_valid[:, None, None, :]) | (positions == query_pos)
+    return attn_mask, False
 
 
 def _kernel_weights(mixer: Attention, w: dict[str, np.ndarray]) -> dict:
