@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridlm import HybridLM, InferenceState, ModelConfig
 from hybridlm.layers.attention import Attention, KVCache
@@ -264,6 +266,32 @@ def test_cat_lays_a_wrapped_ring_out_in_order():
     assert both.n_real.tolist() == [7, 1]
     alone = both.select(torch.tensor([1]))  # the padding every kept row shares goes
     assert alone.length == 1 and alone.k[0, 0, :1, 0].tolist() == [9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(window=st.integers(1, 6), chunks=st.lists(st.integers(1, 9), min_size=1, max_size=6),
+       capacity=st.integers(0, 8), data=st.data())
+def test_a_ring_holds_the_last_window_of_what_a_full_cache_holds(window, chunks, capacity, data):
+    # appends of any sizes (padding among them), with any preallocation: the ring's positions, oldest first, are the
+    # full cache's last ``window``, with the same validity and RoPE counters
+    def empty(w: int | None) -> KVCache:
+        slots = capacity if w is None else min(capacity, w)
+        return KVCache(torch.zeros(2, 1, slots, 1), torch.zeros(2, 1, slots, 1), torch.zeros(2, dtype=torch.long),
+                       window=w)
+
+    ring, full, start = empty(window), empty(None), 0
+    for n in chunks:
+        k = torch.arange(start, start + n, dtype=torch.float32).expand(2, 1, n)[..., None]
+        valid = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=2,
+                                                max_size=2))) if data.draw(st.booleans()) else None
+        for cache in (ring, full):
+            cache.append(k, -k, valid)
+        start += n
+    got, want = ring.ordered(), full.ordered()
+    assert ring.k.shape[2] <= window and ring.held == min(start, window) and ring.length == full.length == start
+    assert torch.equal(got[0], want[0][:, :, -window:]) and torch.equal(got[1], want[1][:, :, -window:])
+    assert (got[2] is None) == (want[2] is None) and (got[2] is None or torch.equal(got[2], want[2][:, -window:]))
+    assert torch.equal(ring.n_real, full.n_real)
 
 
 # ----------------------------------------------------------------------------------------- Hugging Face
