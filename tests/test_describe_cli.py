@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from hybridlm import ModelConfig, describe
@@ -6,12 +8,32 @@ from hybridlm.cli import main
 GIB = 2**30
 
 
-@pytest.mark.parametrize("preset, kv_gib", [("llama2-7b", 128), ("mistral-7b", 32), ("mixtral-8x7b", 32),
-                                            ("jamba-52b", 4)])
+# Jamba paper (arXiv 2403.19887) Table 1: KV cache at 256K tokens in 16-bit; its GB are GiB. It counts Mistral-7B
+# (32 GB) without its sliding window of 4096: that shape without the window is checked, the preset keeps the window.
+JAMBA_TABLE_1 = [("llama2-7b", 128), ("mistral-7b-full-attention", 32), ("mixtral-8x7b", 32), ("jamba-52b", 4)]
+
+
+def _table_config(preset: str) -> ModelConfig:
+    if preset == "mistral-7b-full-attention":
+        return dataclasses.replace(ModelConfig.preset("mistral-7b"), sliding_window=None)
+    return ModelConfig.preset(preset)
+
+
+@pytest.mark.parametrize("preset, kv_gib", JAMBA_TABLE_1)
 def test_kv_cache_at_256k_reproduces_jamba_table_1(preset, kv_gib):
-    # Jamba paper (arXiv 2403.19887) Table 1: KV cache at 256K tokens in 16-bit; its GB are GiB.
-    d = describe(ModelConfig.preset(preset), context=262144, dtype="bf16", batch=1)
+    d = describe(_table_config(preset), context=262144, dtype="bf16", batch=1)
     assert d.state_bytes["attention"] / GIB == pytest.approx(kv_gib, rel=0.05)
+
+
+def test_sliding_window_kv_cache_is_bounded_by_the_window(capsys):
+    # Mistral-7B-v0.1 (sliding_window 4096): 32 layers x 2 (k, v) x 8 KV heads x 128 x 2 bytes x 4096 = 512 MiB
+    config = ModelConfig.preset("mistral-7b")
+    at = {n: describe(config, context=n, dtype="bf16").state_bytes["attention"] for n in (1024, 4096, 262144)}
+    assert at[4096] == at[262144] == 512 * 2**20 and at[1024] == at[4096] // 4
+    assert describe(config, context=262144).state_names["attention"] == "KV cache (ring buffer of 4096 positions)"
+    main(["describe", "mistral-7b", "--context", "262144", "--dtype", "bf16"])
+    out = capsys.readouterr().out
+    assert "512.00 MiB   KV cache (ring buffer of 4096 positions)" in out
 
 
 @pytest.mark.parametrize("preset, total, active", [
@@ -39,8 +61,7 @@ def _attention_gib(out: str) -> float:
     return float(value)
 
 
-@pytest.mark.parametrize("preset, kv_gib", [("llama2-7b", 128), ("mistral-7b", 32), ("mixtral-8x7b", 32),
-                                            ("jamba-52b", 4)])
+@pytest.mark.parametrize("preset, kv_gib", [t for t in JAMBA_TABLE_1 if t[0] != "mistral-7b-full-attention"])
 def test_cli_describe_reproduces_jamba_table_1(preset, kv_gib, capsys):
     main(["describe", preset, "--context", "262144", "--dtype", "bf16", "--batch", "1"])
     assert _attention_gib(capsys.readouterr().out) == pytest.approx(kv_gib, rel=0.05)

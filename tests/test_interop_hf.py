@@ -122,6 +122,6 @@ def test_config_translation_refuses_unsupported_settings(tmp_path):
         hf_llama.to_config({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
     with pytest.raises(ValueError, match="time_step_limit"):
         hf_mamba2.to_config({"time_step_limit": [0.0, 0.1], "hidden_size": 64, "num_heads": 2, "head_dim": 64})
-    with pytest.warns(UserWarning, match="sliding_window=4096"):
-        hf_llama.to_config({"model_type": "mistral", "sliding_window": 4096, "hidden_size": 64,
+    with pytest.raises(ValueError, match="ModelConfig.sliding_window: expected a positive integer"):
+        hf_llama.to_config({"model_type": "mistral", "sliding_window": 0, "hidden_size": 64,
                             "num_attention_heads": 4})

@@ -13,6 +13,9 @@ FAMILIES = ["llama-tiny", "mamba-tiny", "mamba2-tiny", "jamba-tiny", "gla-tiny",
 SINGLE_MIXERS = {
     "attention-gqa": dict(d_model=48, n_layers=1, layers="A", n_heads=6, n_kv_heads=2, ffn="none"),
     "attention-norope": dict(d_model=32, n_layers=1, layers="A", n_heads=2, rope_theta=None, ffn="none"),
+    # a window of 5 over 20-23 tokens: the ring buffer wraps several times in decode
+    "attention-window": dict(d_model=48, n_layers=1, layers="A", n_heads=6, n_kv_heads=2, ffn="none",
+                             sliding_window=5),
     "mamba": dict(d_model=32, n_layers=1, layers="M", ffn="none", d_state=5, d_conv=3),
     "mamba-inner-norms": dict(d_model=32, n_layers=1, layers="M", ffn="none", mamba_inner_norms=True),
     "mamba2-groups": dict(d_model=32, n_layers=1, layers="S", ffn="none", mamba2_headdim=8, mamba2_ngroups=4,
@@ -57,7 +60,7 @@ def test_causality(name):
     assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", FAMILIES + ["mamba2-groups"])
+@pytest.mark.parametrize("name", FAMILIES + ["mamba2-groups", "attention-window"])
 @torch.no_grad()
 def test_left_padding_does_not_change_real_positions(name):
     model = build(name)

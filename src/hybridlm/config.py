@@ -79,6 +79,10 @@ class ModelConfig:
     head_dim: int | None = None  # None -> d_model // n_heads
     rope_theta: float | None = 10000.0  # None -> no positional encoding (Jamba's attention layers)
     attn_bias: bool = False
+    # Local causal attention (Mistral): a query at position i sees keys j with i - j < sliding_window (itself and
+    # the sliding_window - 1 before it), as transformers' Mistral does; the KV cache holds that many positions.
+    # None -> the whole context
+    sliding_window: int | None = None
 
     # Mamba-1 (Gu & Dao 2023, arXiv 2312.00752; defaults follow mamba_ssm's Mamba module)
     d_state: int = 16

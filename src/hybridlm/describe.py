@@ -26,7 +26,8 @@ class Description:
     context: int
     batch: int
     state_bytes: dict[str, int]  # by mixer kind, at `context` tokens for `batch` sequences
-    state_names: dict[str, str]  # what each kind's state is: "KV cache", "conv + SSM state (fixed size)"
+    state_names: dict[str, str]  # what each kind's state is: "KV cache", "KV cache (ring buffer of 4096 positions)",
+    # "conv + SSM state (fixed size)"
 
     @property
     def state_total(self) -> int:
@@ -46,7 +47,7 @@ def describe(config: ModelConfig, context: int = 2048, dtype: str = "bf16", batc
     return Description(
         config=config, total_params=total, active_params=model.num_parameters(active=True), dtype=dtype,
         weight_bytes=total * torch_dtype.itemsize, context=context, batch=batch, state_bytes=state.nbytes(),
-        state_names={kind: type(layer).description for kind, layer in zip(state.kinds, state.layers, strict=True)},
+        state_names={kind: layer.description for kind, layer in zip(state.kinds, state.layers, strict=True)},
     )
 
 

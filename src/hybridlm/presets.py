@@ -68,9 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Llama 2 7B (Touvron et al. 2023; meta-llama/Llama-2-7b-hf config): 6,738,415,616 parameters.
     "llama2-7b": dict(vocab_size=32000, d_model=4096, n_layers=32, layers="A", n_heads=32, d_ff=11008,
                       tie_embeddings=False),
-    # Mistral 7B v0.1 (mistralai/Mistral-7B-v0.1 config): GQA 8 KV heads; 7,241,732,096 parameters.
+    # Mistral 7B v0.1 (mistralai/Mistral-7B-v0.1 config): GQA 8 KV heads, sliding_window 4096 (so its KV cache
+    # stops growing at 4096 tokens; the Jamba paper's Table 1 counts it without the window); 7,241,732,096 parameters.
     "mistral-7b": dict(vocab_size=32000, d_model=4096, n_layers=32, layers="A", n_heads=32, n_kv_heads=8,
-                       d_ff=14336, tie_embeddings=False),
+                       d_ff=14336, sliding_window=4096, tie_embeddings=False),
     # Mixtral 8x7B (mistralai/Mixtral-8x7B-v0.1 config): 8 experts top-2 in every layer, rope theta 1e6;
     # 46.7B total, 12.9B active.
     "mixtral-8x7b": dict(vocab_size=32000, d_model=4096, n_layers=32, layers="A", n_heads=32, n_kv_heads=8,

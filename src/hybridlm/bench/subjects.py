@@ -29,9 +29,10 @@ def state_at_context(model: HybridLM, context: int, extra: int = 64) -> Inferenc
     gen = torch.Generator().manual_seed(0)
     for layer in state.layers:
         if isinstance(layer, KVCache):
-            shape = layer.k[:, :, :context].shape
+            shape = layer.k[:, :, :context].shape  # a ring buffer (sliding window): its window of them
             k, v = (torch.randn(shape, generator=gen, dtype=layer.k.dtype) * 0.5 for _ in range(2))
             layer.append(k, v)
+            layer.advance(context - shape[2])  # the positions before the window: RoPE and the ring's slot move on
         else:
             for t in (layer.conv, layer.ssm):
                 t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.1)

@@ -14,12 +14,15 @@ attention without positions, MLP or MoE per layer). Tensor names come from gguf'
   byte symbols plus its specials, or a Hugging Face byte-level BPE ``tokenizer.json`` with its merges.
 
 Checks that llama.cpp would fail on (expand != 2 for Mamba layers, a Mamba-2 layer in a hybrid, attention
-without rotary positions in a Transformer) are errors here, before anything is written.
+without rotary positions in a Transformer) are errors here, before anything is written. A sliding window is not
+written: llama.cpp's llama and jamba architectures attend to the whole context (its converter drops Mistral's window
+too), so the export warns that results match only up to the window.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +212,10 @@ def export_gguf(model: HybridLM, path: str | Path, tokenizer: Any = None,
         raise ValueError(f"dtype: GGUF export writes float32 or float16, got {dtype}")
     arch = check_exportable(model)
     c = model.config
+    if c.sliding_window is not None and "A" in c.layers:
+        warnings.warn(f"GGUF export: sliding_window={c.sliding_window} is not written; llama.cpp's {arch} "
+                      f"architecture attends to the whole context, which gives the same results up to "
+                      f"{c.sliding_window} tokens", stacklevel=2)
     vocab = _vocabulary(tokenizer, c.padded_vocab_size)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)

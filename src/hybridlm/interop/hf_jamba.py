@@ -78,6 +78,8 @@ def from_config(config: ModelConfig) -> dict[str, Any]:
         problems.append("Jamba's attention has no positional encoding (needs rope_theta=None)")
     if "A" in config.layers and (config.attn_bias or config.head_dim != config.d_model // config.n_heads):
         problems.append("Jamba's attention has no biases and head_dim = d_model / n_heads")
+    if "A" in config.layers and config.sliding_window is not None:
+        problems.append("Jamba's attention sees the whole context (needs sliding_window=None)")
     if config.moe_every and (config.moe_normalize_topk or config.n_experts < 2):
         problems.append("Jamba's MoE does not renormalise the top-k weights (needs moe_normalize_topk=False) and "
                         "has at least 2 experts")

@@ -1,9 +1,12 @@
 """Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``MixtralForCausalLM``: attention blocks with a
-gated MLP (Llama, Mistral) or a top-k Mixture-of-Experts with renormalised weights in every layer (Mixtral)."""
+gated MLP (Llama, Mistral) or a top-k Mixture-of-Experts with renormalised weights in every layer (Mixtral).
+
+Mistral and Mixtral may attend through a sliding window (``sliding_window`` in config.json, our
+``ModelConfig.sliding_window``, the same rule: a query at position i sees keys j with i - j < window); Llama has none.
+A model without a window exports as a Llama (or a Mixtral), one with a window as a Mistral (or a Mixtral)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from hybridlm.config import ModelConfig
@@ -46,9 +49,9 @@ def to_config(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type", "llama")
     check_activation(hf, "hidden_act")
     check_equal(hf, "mlp_bias", False, False)
-    if hf.get("sliding_window") is not None:
-        warnings.warn(f"config.json: sliding_window={hf['sliding_window']} is not implemented; hybridlm attends "
-                      f"to the whole context, which gives the same results up to that many tokens", stacklevel=3)
+    # transformers' MistralConfig defaults to a window of 4096 (Mistral-7B-v0.1's), MixtralConfig to none;
+    # LlamaConfig has no window, and a stray key there is ignored as transformers ignores it
+    window = hf.get("sliding_window", 4096 if model_type == "mistral" else None) if model_type != "llama" else None
     d_model, n_heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
     moe = model_type == "mixtral"
     return ModelConfig(
@@ -56,7 +59,7 @@ def to_config(hf: dict[str, Any]) -> ModelConfig:
         n_layers=hf.get("num_hidden_layers", 32), layers="A", ffn="mlp", d_ff=hf.get("intermediate_size", 14336),
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or d_model // n_heads, rope_theta=_rope_theta(hf),
-        attn_bias=hf.get("attention_bias", False),
+        attn_bias=hf.get("attention_bias", False), sliding_window=window,
         moe_every=1 if moe else 0, n_experts=hf.get("num_local_experts", 8) if moe else 8,
         top_k=hf.get("num_experts_per_tok", 2) if moe else 2, moe_normalize_topk=True,
         moe_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01) if moe else 0.01,
@@ -67,17 +70,21 @@ def to_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def from_config(config: ModelConfig) -> dict[str, Any]:
-    """Llama's config.json for a Transformer with MLPs, Mixtral's for one with MoE in every layer."""
-    moe = config.moe_every > 0
-    target = "MixtralForCausalLM" if moe else "LlamaForCausalLM"
+    """Llama's config.json for a Transformer with MLPs (Mistral's with a sliding window), Mixtral's for one with MoE
+    in every layer."""
+    moe, window = config.moe_every > 0, config.sliding_window
+    target = "MixtralForCausalLM" if moe else "LlamaForCausalLM" if window is None else "MistralForCausalLM"
     check_family(config, target, layers="A", ffn="E" if moe else "F")
     if config.rope_theta is None:
         raise ValueError(f"{target} always uses rotary positions; this model has none (rope_theta=None)")
     if moe and not config.moe_normalize_topk:
         raise ValueError("MixtralForCausalLM renormalises the top-k router weights; this model does not "
                          "(moe_normalize_topk=False)")
+    if target == "MistralForCausalLM" and config.attn_bias:
+        raise ValueError("MistralForCausalLM (the Hugging Face class with a sliding window and an MLP) has no "
+                         "attention biases; this model has them (attn_bias=True)")
     out = {
-        "architectures": [target], "model_type": "mixtral" if moe else "llama",
+        "architectures": [target], "model_type": target.removesuffix("ForCausalLM").lower(),
         "vocab_size": config.padded_vocab_size, "hidden_size": config.d_model,
         "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
@@ -88,7 +95,9 @@ def from_config(config: ModelConfig) -> dict[str, Any]:
     }
     if moe:
         out.update(num_local_experts=config.n_experts, num_experts_per_tok=config.top_k,
-                   router_aux_loss_coef=config.moe_aux_loss_coef, sliding_window=None)
+                   router_aux_loss_coef=config.moe_aux_loss_coef, sliding_window=window)
+    elif window is not None:
+        out.update(sliding_window=window)
     else:
         out.update(mlp_bias=False)
     return out

@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 class LayerState(Protocol):
     """One layer's inference state: a KV cache that grows with the context, or a fixed-size recurrent state."""
 
-    length: int  # context positions held (a KV cache's filled positions); 0 for a fixed-size state
+    length: int  # context positions seen by a KV cache (a ring buffer holds the last window of them); 0 for a
+    # fixed-size state
     bound_tensors: ClassVar[tuple[str, ...]]  # tensors a bound decode step keeps: replacing one makes decode rebind
-    description: ClassVar[str]  # what ``describe`` calls it: "KV cache", "conv + SSM state (fixed size)"
+    # what ``describe`` calls it (a class attribute, or a property where the instance decides): "KV cache",
+    # "KV cache (ring buffer of 4096 positions)", "conv + SSM state (fixed size)"
+    description: str
 
     def nbytes(self) -> int:
         """Bytes held now."""

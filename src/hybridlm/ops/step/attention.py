@@ -48,11 +48,12 @@ def _rotate_(v, n_heads, d, position, inv_freq):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath={"contract", "arcp", "nsz", "reassoc"})
-def attention_step(residual, layer, positions, k_cache, v_cache, length, key_valid, masked, hidden
+def attention_step(residual, layer, positions, k_cache, v_cache, slot, n_keys, key_valid, masked, hidden
                    ):  # pragma: no cover - compiled
     # hidden: (b, d_model), the mixer's input, or with ``residual`` the block's: out = hidden + mixer(norm(hidden))
     # layer: an AttentionLayer  positions: (b,) int64, each sequence's next RoPE position
-    # k_cache, v_cache: (b, h_kv, capacity, d), the new key/value written at ``length``  key_valid: (b, capacity)
+    # k_cache, v_cache: (b, h_kv, capacity, d), the new key/value written at ``slot`` (the next position; in a ring
+    # buffer its slot), then the query attends to slots [0, n_keys)  key_valid: (b, capacity), the slot marked valid
     # -> out: (b, d_model)
     block_norm_w, block_norm_eps, W_qkv, b_qkv, has_bias, inv_freq, rotary, W_o, b_o, per_task = layer
     x = block_input(hidden, residual, block_norm_w, block_norm_eps)
@@ -71,12 +72,14 @@ def attention_step(residual, layer, positions, k_cache, v_cache, length, key_val
             _rotate_(k[b], n_kv, d, positions[b], inv_freq)
         for g in range(n_kv):
             for t in range(d):
-                k_cache[b, g, length, t] = k[b, g * d + t]
-                v_cache[b, g, length, t] = v[b, g * d + t]
+                k_cache[b, g, slot, t] = k[b, g * d + t]
+                v_cache[b, g, slot, t] = v[b, g * d + t]
+        if masked:  # a ring's slot may have held a padding key
+            key_valid[b, slot] = True
     y = np.empty((batch, n_heads, d), dtype=np.float32)
     q_heads = q.reshape(batch, n_heads, d)
     for task in prange(batch * n_heads // per_task):
-        attend_heads(q_heads, k_cache, v_cache, length + 1, key_valid, masked, y, task, per_task)
+        attend_heads(q_heads, k_cache, v_cache, n_keys, key_valid, masked, y, task, per_task)
     y_flat = y.reshape(batch, n_heads * d)
     for r in prange(out.shape[1]):
         gemv_row((W_o,), y_flat, (b_o,), has_bias[3:], (out,), r)
