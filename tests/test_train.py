@@ -122,8 +122,10 @@ def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path):
     one_losses, one_model = _cli_train([*args, "--batch-size", "8"], tmp_path / "one")
     assert len(ddp_losses) == 4
     np.testing.assert_allclose(ddp_losses, one_losses, rtol=1e-5)
+    # Adam divides each gradient element by its own running RMS: where an element is near 0, the all-reduce's sum
+    # order (two halves, then added) moves its update by a visible fraction of lr (3e-3); seen: 3.7e-6 on 1 of 16,896
     for a, b in zip(ddp_model.parameters(), one_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_bf16_autocast_and_task_training(tmp_path):

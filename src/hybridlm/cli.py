@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "report accuracy vs length, speed and memory vs context")
     p.add_argument("--task", help="induction_heads (default), selective_copy or mqar")
     p.add_argument("--families", help="comma-separated families: transformer,mamba,mamba2,hybrid (the default) and "
-                                      "linear,performer,based,retnet,gla")
+                                      "linear,performer,based,based_hybrid,retnet,gla,sliding_window")
     p.add_argument("--task-param", action="append", metavar="NAME=INT",
                    help="a task parameter, e.g. n_pairs=16 for mqar (repeat for more)")
     p.add_argument("--widths", help="comma-separated widths (d_model): train every family at each (recall vs "

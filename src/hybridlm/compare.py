@@ -42,6 +42,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "linear": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="elu1")}),
     "performer": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="performer")}),
     "based": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="taylor", short_conv=3)}),
+    # Based's recipe: its linear attention beside sliding-window attention (window 64, as Based's models)
+    "based_hybrid": dict(layers="LA", ffn="mlp", sliding_window=64,
+                         mixer_options={"L": dict(feature_map="taylor", short_conv=3)}),
+    "sliding_window": dict(layers="A", ffn="mlp", sliding_window=64, batch_scale=4),
     "retnet": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="fixed",
                                                                     norm="rms", output_gate=True)}),
     "gla": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="gla", norm="rms",
@@ -50,8 +54,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 DEFAULT_FAMILIES = ["transformer", "mamba", "mamba2", "hybrid"]  # the README's run; --families names the others
 LABELS = {"transformer": "Transformer (RoPE)", "mamba": "Mamba-1", "mamba2": "Mamba-2",
           "hybrid": "Hybrid (Mamba + attention, no PE)", "linear": "Linear attention (elu+1)",
-          "performer": "Performer (FAVOR+)", "based": "Based (Taylor + conv)", "retnet": "RetNet (fixed decay)",
-          "gla": "GLA (gated)"}
+          "performer": "Performer (FAVOR+)", "based": "Based (Taylor + conv)",
+          "based_hybrid": "Based + sliding window (64)", "sliding_window": "Sliding-window attention (64)",
+          "retnet": "RetNet (fixed decay)", "gla": "GLA (gated)"}
 
 
 @dataclass

@@ -41,10 +41,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # output gate. About 124M parameters, matching mamba-130m's 129M.
     "gla-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="L", n_heads=4, head_dim=192,
                      d_ff=2048, mixer_options={"L": _GLA | dict(key_dim=96)}),
-    # Based's linear attention (Arora et al. 2024: the Taylor map over a feature dim of 16, 16 heads at d_model
-    # 1024; here 12 at 768, values 64 a head) with a short conv over q/k/v, at the same 130M shape.
-    "based-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="L", n_heads=12, d_ff=2048,
-                       mixer_options={"L": _BASED | dict(key_dim=16)}),
+    # Based's recipe (Arora et al. 2024, arXiv 2402.18668; HazyResearch/based): its Taylor linear attention (a
+    # feature dim of 16 a head: 12 heads at 768, values 64 a head) with a short conv over q/k/v, beside small
+    # sliding-window attention (window 64) for local detail; here two linear layers to one windowed, 12 layers.
+    "based-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="LLA", n_heads=12, d_ff=2048,
+                       sliding_window=64, mixer_options={"L": _BASED | dict(key_dim=16)}),
     # Gated linear attention with a full attention layer in every four (1:3), at the same shape.
     "gla-hybrid-130m": dict(vocab_size=_NEOX_VOCAB, d_model=768, n_layers=12, layers="LLLA", n_heads=4,
                             head_dim=192, d_ff=2048, mixer_options={"L": _GLA | dict(key_dim=96)}),
