@@ -228,3 +228,18 @@ def test_compiled_decode_step_equals_the_module_step(options, monkeypatch):
     compiled, state = decode("")
     assert state.fused_decode is not None  # the compiled kernels ran
     torch.testing.assert_close(compiled, modules, atol=1e-5, rtol=1e-5)
+
+
+def test_foreign_layouts_refuse_linear_attention_clearly(tmp_path):
+    from hybridlm.interop.gguf import check_exportable
+
+    for layers, hf, gguf in (("L", r"format 'hf': no Hugging Face layout holds a linear_attention model",
+                              r"llama.cpp has no architecture for a linear_attention model"),
+                             ("LA", r"JambaForCausalLM cannot hold this model", r"no linear-attention layers")):
+        model = HybridLM(ModelConfig(d_model=32, n_layers=2, layers=layers, n_heads=2, rope_theta=None,
+                                     mamba_inner_norms=True))
+        with pytest.raises(ValueError, match=hf):
+            model.save_pretrained(tmp_path / layers, format="hf")
+        with pytest.raises(ValueError, match=gguf):
+            check_exportable(model)
+        assert not (tmp_path / layers).exists()  # nothing half-written

@@ -160,7 +160,11 @@ def load_checkpoint(path: str | Path, build: Callable[[ModelConfig], nn.Module],
 def resolve_format(model: HybridLM, format: str) -> str:
     """``format`` with "hf" replaced by the Hugging Face layout that holds ``model``'s family."""
     if format == "hf":
-        return _HF_BY_FAMILY[model.config.family]
+        family = model.config.family
+        if family not in _HF_BY_FAMILY:
+            raise ValueError(f"format 'hf': no Hugging Face layout holds a {family} model (layers "
+                             f"{model.config.layers!r}); save it in hybridlm's own format")
+        return _HF_BY_FAMILY[family]
     if format != "hybridlm" and format not in FORMATS:
         raise ValueError(f"format: unknown {format!r}; expected 'hybridlm', 'hf' or one of {sorted(FORMATS)}")
     return format

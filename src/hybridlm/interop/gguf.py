@@ -89,6 +89,8 @@ def gguf_name(ours: str) -> str:
 def check_exportable(model: HybridLM) -> str:
     """The llama.cpp architecture for ``model``; ValueError naming what llama.cpp cannot run."""
     c = model.config
+    if c.family not in ARCH_BY_FAMILY:
+        raise ValueError(f"GGUF: llama.cpp has no architecture for a {c.family} model (layers {c.layers!r})")
     arch = ARCH_BY_FAMILY[c.family]
     problems = []
     if "M" in c.layers and c.expand != 2:
@@ -105,6 +107,8 @@ def check_exportable(model: HybridLM) -> str:
             problems.append("llama.cpp's llama architecture has MoE in every layer or none, with renormalised "
                             "top-k weights")
     if arch == "jamba":
+        if "L" in c.layers:
+            problems.append("llama.cpp has no linear-attention layers")
         if "S" in c.layers:
             problems.append("llama.cpp has no hybrid architecture with Mamba-2 layers (only jamba: attention + "
                             "Mamba-1)")
