@@ -91,11 +91,13 @@ class LinearAttentionOptions:
                 raise invalid(name(option), f"one of {choices}", getattr(options, option))
         if not isinstance(options.output_gate, bool):
             raise invalid(name("output_gate"), "True or False", options.output_gate)
-        for option, low in (("short_conv", 0), ("key_dim", 1), ("n_features", 1), ("chunk_size", 1)):
+        for option, low, optional in (("short_conv", 0, False), ("chunk_size", 1, False), ("key_dim", 1, True),
+                                      ("n_features", 1, True)):
             value = getattr(options, option)
-            if (value is not None or option == "short_conv" or option == "chunk_size") and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise invalid(name(option), f"an integer >= {low}" + (" or None" if value is None else ""), value)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise invalid(name(option), f"an integer >= {low}" + (" or None" if optional else ""), value)
         if options.n_features is not None and options.feature_map != "performer":
             raise invalid(name("n_features"), "None unless feature_map is 'performer' (only it draws features)",
                           options.n_features)
