@@ -104,18 +104,14 @@ def linear_attention_step(residual, layer, hidden):  # pragma: no cover - compil
         total += W.shape[0]
     for row in prange(total):
         gemv_row(W_in, x, no_bias, no_flags, ys, row)
-    q, k, v, g, gk = ys
-    if has_conv:  # the short conv + SiLU over [q | k | v], channel by channel
-        n_q, n_k = q.shape[1], k.shape[1]
+    if has_conv:  # the short conv + SiLU over the channels of [q | k | v], each in its own array
+        n_q, n_k = ys[0].shape[1], ys[1].shape[1]
         for c in prange(conv_w.shape[0]):
+            m = 0 if c < n_q else 1 if c < n_q + n_k else 2
+            col = c - (0 if m == 0 else n_q if m == 1 else n_q + n_k)
             for b in range(batch):
-                if c < n_q:
-                    q[b, c] = _conv_silu_step(conv_state, conv_w, conv_w[0], False, b, c, q[b, c])
-                elif c < n_q + n_k:
-                    k[b, c - n_q] = _conv_silu_step(conv_state, conv_w, conv_w[0], False, b, c, k[b, c - n_q])
-                else:
-                    v[b, c - n_q - n_k] = _conv_silu_step(conv_state, conv_w, conv_w[0], False, b, c,
-                                                          v[b, c - n_q - n_k])
+                ys[m][b, col] = _conv_silu_step(conv_state, conv_w, conv_w[0], False, b, c, ys[m][b, col])
+    q, k, v, g, gk = ys
     o = np.zeros((batch, n_heads, e), dtype=np.float32)
     for task in prange(batch * n_kv):  # one key/value head of one sequence: its features, decay, update and read
         b, kv = task // n_kv, task % n_kv
