@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.layers import MoE
 
-FAMILIES = ["llama-tiny", "mamba-tiny", "mamba2-tiny", "jamba-tiny", "gla-tiny", "based-tiny"]
+FAMILIES = ["llama-tiny", "mamba-tiny", "mamba2-tiny", "jamba-tiny", "gla-tiny", "based-tiny", "reformer-tiny"]
 # Each mixer on its own, with odd sizes: GQA, no RoPE, Jamba's inner norms, Mamba-2 groups and short chunks.
 SINGLE_MIXERS = {
     "attention-gqa": dict(d_model=48, n_layers=1, layers="A", n_heads=6, n_kv_heads=2, ffn="none"),
@@ -22,6 +22,9 @@ SINGLE_MIXERS = {
                           mamba2_d_state=6, mamba2_chunk_size=5),
     "linear-attention-hybrid": dict(d_model=32, n_layers=2, layers="LA", n_heads=4, n_kv_heads=2, ffn="none",
                                     mixer_options={"L": dict(feature_map="performer", decay="fixed", chunk_size=4)}),
+    # LSH attention beside full attention: 3 rounds of 4 buckets, 4 keys a round, without RoPE
+    "lsh-attention-hybrid": dict(d_model=32, n_layers=2, layers="RA", n_heads=4, ffn="none", rope_theta=None,
+                                 mixer_options={"R": dict(n_buckets=4, n_rounds=3, chunk_size=4)}),
 }
 
 

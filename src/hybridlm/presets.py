@@ -65,6 +65,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "based-tiny": dict(_LINEAR_TINY, mixer_options={"L": _BASED | dict(key_dim=8)}),
     "retnet-tiny": dict(_LINEAR_TINY, mixer_options={"L": _RETNET}),
     "gla-tiny": dict(_LINEAR_TINY, mixer_options={"L": _GLA | dict(key_dim=8)}),
+    # Reformer's LSH attention (Kitaev et al. 2020), small buckets and chunks so that short tests hash and chunk
+    "reformer-tiny": dict(d_model=64, n_layers=2, layers="R", n_heads=4, d_ff=128,
+                          mixer_options={"R": dict(n_buckets=4, n_rounds=2, chunk_size=8)}),
     # ----- describe-only shapes of published models -----
     # Llama 2 7B (Touvron et al. 2023; meta-llama/Llama-2-7b-hf config): 6,738,415,616 parameters.
     "llama2-7b": dict(vocab_size=32000, d_model=4096, n_layers=32, layers="A", n_heads=32, d_ff=11008,

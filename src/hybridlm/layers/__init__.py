@@ -10,6 +10,7 @@ from torch import nn
 from hybridlm import config
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.linear_attention import LinearAttention
+from hybridlm.layers.lsh_attention import LSHAttention
 from hybridlm.layers.mamba import Mamba
 from hybridlm.layers.mamba2 import Mamba2
 from hybridlm.layers.mlp import GatedMLP
@@ -21,6 +22,7 @@ MIXERS: dict[str, type[nn.Module]] = {
     "M": Mamba,
     "S": Mamba2,
     "L": LinearAttention,
+    "R": LSHAttention,  # Reformer
 }
 
 FEED_FORWARDS = {
@@ -45,5 +47,5 @@ def unregister_mixer(letter: str) -> None:
 for _letter, _mixer in list(MIXERS.items()):  # ModelConfig validates its pattern against these letters
     register_mixer(_letter, _mixer)
 
-__all__ = ["FEED_FORWARDS", "MIXERS", "Attention", "GatedMLP", "GatedRMSNorm", "LinearAttention", "Mamba", "Mamba2",
-           "MoE", "RMSNorm", "register_mixer", "unregister_mixer"]
+__all__ = ["FEED_FORWARDS", "MIXERS", "Attention", "GatedMLP", "GatedRMSNorm", "LSHAttention", "LinearAttention",
+           "Mamba", "Mamba2", "MoE", "RMSNorm", "register_mixer", "unregister_mixer"]

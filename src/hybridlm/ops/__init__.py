@@ -21,6 +21,8 @@ Public ops (shapes in each backend's docstring):
     decode_attention one query per sequence over a KV cache            backends: numba (CPU), torch (SDPA)
     linear_attention decayed linear attention over a sequence          backends: chunked (torch matmuls),
                                                                        quadratic (the O(l²) form), reference
+    lsh_attention    Reformer's shared-QK LSH attention over a sequence backends: sorted_chunks (torch), reference
+    lsh_decode_attention  one query over its buckets' recent keys     backends: torch
 
 Decode-step ops (``step_kernel(op)``: the compiled kernel, or None where the module's torch step runs):
     mamba_step, mamba2_step, attention_step,  a block's step: norm, mixer and residual in one call
@@ -44,6 +46,9 @@ from hybridlm.ops.gemm.numba_ops import linears as linears_gemv
 from hybridlm.ops.gemm.torch_ops import gated_mlp_torch, linears_torch
 from hybridlm.ops.linear_attention.chunked import linear_attention_chunked, linear_attention_quadratic
 from hybridlm.ops.linear_attention.reference import linear_attention_reference
+from hybridlm.ops.lsh_attention.decode import lsh_decode_attention
+from hybridlm.ops.lsh_attention.reference import lsh_attention_reference
+from hybridlm.ops.lsh_attention.sorted_chunks import lsh_attention_sorted
 from hybridlm.ops.norm.numba_ops import gated_rms_norm_numba, rms_norm_numba
 from hybridlm.ops.norm.torch_ops import gated_rms_norm_torch, rms_norm_torch
 from hybridlm.ops.scan.cuda_ops import mamba_ssm_available, selective_scan_mamba_ssm
@@ -76,6 +81,9 @@ dispatch.register("gated_rms_norm", "torch", gated_rms_norm_torch)
 dispatch.register("linear_attention", "chunked", linear_attention_chunked)
 dispatch.register("linear_attention", "quadratic", linear_attention_quadratic)
 dispatch.register("linear_attention", "reference", linear_attention_reference)
+dispatch.register("lsh_attention", "sorted_chunks", lsh_attention_sorted)
+dispatch.register("lsh_attention", "reference", lsh_attention_reference)
+dispatch.register("lsh_decode_attention", "torch", lsh_decode_attention)
 for _op in ("mamba_step", "mamba2_step", "attention_step", "linear_attention_step", "mlp_step", "moe_step",
             "fused_decode"):
     dispatch.register(_op, "torch", dispatch.MODULE_STEP)
@@ -131,8 +139,14 @@ def causal_conv1d_step(x: torch.Tensor, *args, backend: str | None = None, **kwa
     return dispatch.kernel("causal_conv1d_step", x.device, backend)(x, *args, **kwargs)
 
 
+def lsh_attention(qk: torch.Tensor, *args, backend: str | None = None, **kwargs):
+    """Reformer's shared-QK LSH attention over a sequence -> o. See ``lsh_attention_reference`` for the contract."""
+    return dispatch.kernel("lsh_attention", qk.device, backend)(qk, *args, **kwargs)
 
 
+def lsh_decode_attention(q: torch.Tensor, *args, backend: str | None = None, **kwargs):
+    """One LSH-attention decode step -> o (b, h, 1, e). See ``lsh_decode_attention``'s module."""
+    return dispatch.kernel("lsh_decode_attention", q.device, backend)(q, *args, **kwargs)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
