@@ -194,6 +194,8 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.attention:
+        return _bench_attention(args)
     from hybridlm.bench import BenchSettings, format_report, run, save_plots, write_json
     from hybridlm.bench.subjects import PEERS
     from hybridlm.presets import DESCRIBE_ONLY, PRESETS
@@ -225,6 +227,55 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.plots:
         for path in save_plots(results, args.plots):
             print(f"plot: {path}", file=sys.stderr)
+
+
+def _bench_attention(args: argparse.Namespace) -> None:
+    from hybridlm.bench import attention
+
+    if args.threads <= 0 or args.repeats <= 0:
+        raise ValueError(f"--threads and --repeats: expected positive numbers, got {args.threads}, {args.repeats}")
+    inputs = tuple(i.strip() for i in args.attention_inputs.split(",") if i.strip())
+    for kind in inputs or ("",):
+        if kind not in ("random", "trained"):
+            raise ValueError(f"--attention-inputs: expected 'random' and/or 'trained', got {kind!r}")
+    settings = attention.AttentionBenchSettings(
+        lengths=_int_list(args.attention_lengths, "--attention-lengths"), inputs=inputs, threads=args.threads,
+        repeats=args.repeats, model=args.attention_model)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    model = tokenizer = None
+    if "trained" in inputs:
+        model, tokenizer = (attention.load_model(args.attention_model) if args.attention_model
+                            else _train_attention_model(settings, log))
+    results = attention.run(settings, model, tokenizer, log=log)
+    print(attention.format_report(results))
+    if args.json:
+        attention.write_json(results, args.json)
+        print(f"JSON: {args.json}", file=sys.stderr)
+    if args.plots:
+        for path in attention.save_plot(results, args.plots):
+            print(f"plot: {path}", file=sys.stderr)
+
+
+def _train_attention_model(settings, log):
+    # The bench's small Transformer (bench.attention.model_config), trained on the built-in corpus here: the bench
+    # measures, the trainer trains, and only the CLI sits above both
+    import tempfile
+
+    from hybridlm.bench import attention
+    from hybridlm.data.source import TextSource
+    from hybridlm.data.token_file import tokenize_corpus
+    from hybridlm.model import HybridLM
+    from hybridlm.tokenizer import load_tokenizer
+    from hybridlm.train import TrainConfig, checkpoint_path, train
+
+    tokenizer = load_tokenizer(None)
+    config = attention.model_config(settings, tokenizer.vocab_size)
+    log(f"training {config.summary()} for {settings.train_steps} steps on the built-in corpus")
+    with tempfile.TemporaryDirectory() as out:
+        train(config, TrainConfig(steps=settings.train_steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30,
+                                  eval_every=0, eval_batches=1, seed=settings.seed),
+              TextSource(tokenize_corpus(None, tokenizer), 256, settings.seed), out, progress=False)
+        return HybridLM.from_pretrained(checkpoint_path(out)).eval(), tokenizer
 
 
 def _task_params(given: list[str] | None) -> dict[str, int] | None:
@@ -368,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "report accuracy vs length, speed and memory vs context")
     p.add_argument("--task", help="induction_heads (default), selective_copy or mqar")
     p.add_argument("--families", help="comma-separated families: transformer,mamba,mamba2,hybrid (the default) and "
-                                      "linear,performer,based,based_hybrid,retnet,gla,sliding_window")
+                                      "linear,performer,based,based_hybrid,retnet,gla,sliding_window,lsh")
     p.add_argument("--task-param", action="append", metavar="NAME=INT",
                    help="a task parameter, e.g. n_pairs=16 for mqar (repeat for more)")
     p.add_argument("--widths", help="comma-separated widths (d_model): train every family at each (recall vs "
@@ -425,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure ours and the peers in turn this many times per preset; each figure the median "
                         "over rounds (a shared machine's drift then hits both sides of a ratio)")
     p.add_argument("--no-scan", action="store_true", help="skip the isolated selective-scan measurement")
+    p.add_argument("--attention", action="store_true",
+                   help="measure attention and its approximations instead (sliding window, Performer, LSH, "
+                        "Nystromformer, Skyformer): time, memory and error against exact attention by length")
+    p.add_argument("--attention-lengths", default="1024,4096,16384", help="with --attention: sequence lengths")
+    p.add_argument("--attention-inputs", default="random,trained",
+                   help="with --attention: random and/or trained (a trained model's q, k, v on real text)")
+    p.add_argument("--attention-model", help="with --attention: a checkpoint whose last attention layer gives the "
+                                             "trained q, k, v (default: a small Transformer trained on the spot)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plots", help="write PNG plots to this directory (needs matplotlib)")
     p.set_defaults(func=cmd_bench)

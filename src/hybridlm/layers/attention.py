@@ -232,17 +232,9 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         # x: (b, l, d_model), mask: (b, l) bool, False at (left-)padding -> (b, l, d_model)
         b, length, _ = x.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
-        q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-
-        if self.rotary is not None:
-            steps = (torch.arange(length, device=x.device).expand(b, length) if mask is None
-                     else (mask.long().cumsum(1) - 1).clamp(min=0))
-            positions = steps if state is None else steps + state.n_real[:, None]
-            q, k = self.rotary(q, k, positions)
+        steps = (torch.arange(length, device=x.device).expand(b, length) if mask is None
+                 else (mask.long().cumsum(1) - 1).clamp(min=0))
+        q, k, v = self.queries_keys_values(x, steps if state is None else steps + state.n_real[:, None])
         if state is None:
             key_valid = mask
         elif self.window is None:
@@ -256,6 +248,22 @@ class Attention(nn.Module):
         else:  # the window (if any) reaches every key: causal attention
             y = sdpa(q, k, v, *_causal_mask(length, k.shape[2], key_valid, x.device))
         return self.o_proj(y.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim))
+
+    def queries_keys_values(self, x: torch.Tensor, positions: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's inputs for ``x`` (b, l, d_model) at ``positions`` (b, l; default 0 .. l-1): q (b, h, l, d),
+        k and v (b, h_kv, l, d), q and k rotated (the bench measures approximations of attention on them)."""
+        b, length, _ = x.shape
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            if positions is None:
+                positions = torch.arange(length, device=x.device).expand(b, length)
+            q, k = self.rotary(q, k, positions)
+        return q, k, v
 
     def _window_keys(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
