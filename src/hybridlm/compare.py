@@ -50,13 +50,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
                                                                     norm="rms", output_gate=True)}),
     "gla": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="gla", norm="rms",
                                                                  output_gate=True)}),
+    # Reformer's LSH attention with its own defaults (8 buckets, 4 rounds, 64 keys a round); attention, so it takes
+    # the Transformer's larger batches
+    "lsh": dict(layers="R", ffn="mlp", batch_scale=4),
 }
 DEFAULT_FAMILIES = ["transformer", "mamba", "mamba2", "hybrid"]  # the README's run; --families names the others
 LABELS = {"transformer": "Transformer (RoPE)", "mamba": "Mamba-1", "mamba2": "Mamba-2",
           "hybrid": "Hybrid (Mamba + attention, no PE)", "linear": "Linear attention (elu+1)",
           "performer": "Performer (FAVOR+)", "based": "Based (Taylor + conv)",
           "based_hybrid": "Based + sliding window (64)", "sliding_window": "Sliding-window attention (64)",
-          "retnet": "RetNet (fixed decay)", "gla": "GLA (gated)"}
+          "retnet": "RetNet (fixed decay)", "gla": "GLA (gated)",
+          "lsh": "LSH attention (Reformer)"}
 
 
 @dataclass
