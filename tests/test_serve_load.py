@@ -65,11 +65,14 @@ def test_32_concurrent_streams_equal_their_sequential_results_and_batching_is_fa
     want = [reference(model, prompt(i), N_TOKENS, temperature=1.0, seed=i) for i in range(N_CLIENTS)]
     seen = count_concurrent_forwards(model)
     limits = Limits(max_context=256, max_tokens=64)
-    elapsed = {}
-    for max_batch in (32, 1):
+    elapsed = {32: float("inf"), 1: float("inf")}
+    # Each mode twice, interleaved, the faster run of each kept: a burst of load on a shared machine during one run
+    # (it happened: 0.93x) then cannot decide the ratio alone.
+    for max_batch in (32, 1, 32, 1):
         app = create_app({"m": model}, limits=limits, max_batch=max_batch, max_queue=64)
         with BackgroundServer(app) as server:
-            got, texts, elapsed[max_batch] = asyncio.run(stream_all(server.url))
+            got, texts, seconds = asyncio.run(stream_all(server.url))
+            elapsed[max_batch] = min(elapsed[max_batch], seconds)
             rows = app.state.schedulers["m"].batched_rows
             steps = app.state.schedulers["m"].forward_calls
         assert got == want, f"max_batch={max_batch}: a stream differs from its sequential result"
