@@ -1,7 +1,7 @@
 """LSH attention's decode step against exact decode attention over the same cache, by context length.
 
-The LSH step reads each cached key's buckets (n_rounds numbers) and then at most n_rounds * chunk keys and values;
-exact decode reads every key and value. Both are the torch forms (``ops.lsh_decode_attention`` and
+The LSH step reads its buckets' rings of recent keys (at most n_rounds * chunk keys and values, wherever they sit in
+the cache); exact decode reads every key and value. Both are the torch forms (``ops.lsh_decode_attention`` and
 ``decode_attention_torch``, SDPA), one new query per step, heads of 64. Prints a table and JSON.
 
     python benchmarks/lsh_decode.py [--threads 2] [--contexts 1024,8192,65536]
@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -44,20 +45,21 @@ def main() -> None:
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         g = torch.Generator().manual_seed(context)
-        n_buckets = max(2, 2 * (context // args.chunk // 2))
         keys = F.normalize(torch.randn(1, args.heads, context, 64, generator=g), dim=-1)
         values = torch.randn(1, args.heads, context, 64, generator=g)
-        hashes = torch.randint(1, n_buckets + 1, (1, args.heads, context, args.rounds), generator=g).float()
+        # each round's ring: chunk slots spread over the context, the newest key (the last slot) among them
+        slots = torch.randint(0, context, (1, args.heads, args.rounds, args.chunk), generator=g)
+        slots[..., 0] = context - 1
         q = torch.randn(1, args.heads, 1, 64, generator=g)
-        lsh = timed(lambda: lsh_decode_attention(q, keys, values, hashes, context, args.chunk), args.repeats)
-        exact = timed(lambda: decode_attention_torch(q, keys, values, context), args.repeats)
-        rows.append({"context": context, "n_buckets": n_buckets, "lsh_ms": 1000 * lsh, "exact_ms": 1000 * exact,
+        lsh = timed(partial(lsh_decode_attention, q, keys, values, slots, context - 1), args.repeats)
+        exact = timed(partial(decode_attention_torch, q, keys, values, context), args.repeats)
+        rows.append({"context": context, "lsh_ms": 1000 * lsh, "exact_ms": 1000 * exact,
                      "exact_over_lsh": exact / lsh})
     print(f"threads {args.threads}; {args.heads} heads of 64; {args.rounds} rounds, chunk {args.chunk}")
-    print("| context | buckets | LSH step ms | exact step ms | exact / LSH |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| context | LSH step ms | exact step ms | exact / LSH |")
+    print("| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['context']:,} | {r['n_buckets']} | {r['lsh_ms']:.3f} | {r['exact_ms']:.3f} | "
+        print(f"| {r['context']:,} | {r['lsh_ms']:.3f} | {r['exact_ms']:.3f} | "
               f"{r['exact_over_lsh']:.2f} |")
     print(json.dumps({"settings": vars(args), "rows": rows}))
 
