@@ -20,4 +20,7 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int) -> to
     if n_buckets == 1:
         return torch.zeros(b, h, rotations.shape[1], length, dtype=torch.long, device=x.device)
     projected = torch.einsum("bhld,hrdn->bhrln", x, rotations.to(x.dtype))
-    return torch.cat([projected, -projected], -1).argmax(-1)
+    # argmax over [xR; -xR] without forming it: the larger of max(xR) and -min(xR) (ties to the first half, as argmax)
+    top, low = projected.argmax(-1), projected.argmin(-1)
+    top_value, low_value = projected.gather(-1, top[..., None])[..., 0], projected.gather(-1, low[..., None])[..., 0]
+    return torch.where(top_value >= -low_value, top, low + projected.shape[-1])
