@@ -65,6 +65,7 @@ class AttentionBenchSettings:
 class Method:
     """One attention (exact or approximate): how to run it, which exact attention it approximates, its rows."""
 
+    kind: str  # the method without its settings: "LSH", "Performer", ... (the plot's legend)
     name: str
     target: str  # a key of TARGETS
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> output
@@ -130,18 +131,18 @@ def methods(settings: AttentionBenchSettings, length: int) -> list[Method]:
     exact_causal, exact_rows = TARGETS["causal softmax"]
     exact, exact_bidirectional_rows = TARGETS["softmax"]
     return [
-        Method("exact causal (SDPA)", "causal softmax", exact_causal, exact_rows),
-        Method(f"sliding window {s.window}", "causal softmax",
+        Method("exact causal", "exact causal (SDPA)", "causal softmax", exact_causal, exact_rows),
+        Method("sliding window", f"sliding window {s.window}", "causal softmax",
                lambda q, k, v: sliding_window_attention(q, k, v, s.window),
                lambda q, k, rows: _masked_softmax_rows(q, k, rows, True, s.window)),
-        Method(f"Performer m={s.performer_features}", "causal softmax", performer, performer_rows),
-        Method(f"LSH {s.lsh_rounds} rounds, {n_buckets} buckets, chunk {s.lsh_chunk}", "shared-QK causal softmax",
-               lsh, lsh_rows),
-        Method("exact bidirectional (SDPA)", "softmax", exact, exact_bidirectional_rows),
-        Method(f"Nystromformer m={s.landmarks}", "softmax",
+        Method("Performer", f"Performer m={s.performer_features}", "causal softmax", performer, performer_rows),
+        Method("LSH", f"LSH {s.lsh_rounds} rounds, {n_buckets} buckets, chunk {s.lsh_chunk}",
+               "shared-QK causal softmax", lsh, lsh_rows),
+        Method("exact bidirectional", "exact bidirectional (SDPA)", "softmax", exact, exact_bidirectional_rows),
+        Method("Nystromformer", f"Nystromformer m={s.landmarks}", "softmax",
                lambda q, k, v: nystrom_attention(q, k, v, min(s.landmarks, length)),
                lambda q, k, rows: nystrom_weights(q, k, min(s.landmarks, length), rows)),
-        Method(f"Skyformer m={s.skyformer_landmarks}", "Gaussian kernel",
+        Method("Skyformer", f"Skyformer m={s.skyformer_landmarks}", "Gaussian kernel",
                lambda q, k, v: skyformer_attention(q, k, v, min(s.skyformer_landmarks, 2 * length), seed=s.seed),
                lambda q, k, rows: skyformer_weights(q, k, min(s.skyformer_landmarks, 2 * length), rows,
                                                     seed=s.seed)),
@@ -275,8 +276,8 @@ def _measure_kind(settings: AttentionBenchSettings, kind: str, model, tokenizer,
                 targets[method.target] = (output(q, k, v), row_fn(q, k, rows))
             exact_out, exact_rows = targets[method.target]
             out, cost = measure(method, q, k, v, settings.repeats)
-            record = {"inputs": kind, "length": length, "method": method.name, "target": method.target,
-                      **cost, "output_error": _relative_error(out, exact_out),
+            record = {"inputs": kind, "length": length, "kind": method.kind, "method": method.name,
+                      "target": method.target, **cost, "output_error": _relative_error(out, exact_out),
                       "row_error": _relative_error(method.rows(q, k, rows), exact_rows)}
             records.append(record)
             log(f"[{kind} {length}] {method.name}: {record['seconds'] * 1000:.1f} ms, output error "
@@ -327,12 +328,12 @@ def save_plot(results: dict[str, Any], directory: str | Path) -> list[Path]:
     runs = results["runs"]
     kinds = list(dict.fromkeys(r["inputs"] for r in runs))
     lengths = sorted({r["length"] for r in runs})
-    names = list(dict.fromkeys(r["method"] for r in runs))
+    names = list(dict.fromkeys(r["kind"] for r in runs))
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for r in (r for r in runs if r["inputs"] == kind):
             ax.scatter(r["seconds"], max(r["output_error"], 1e-8), color=f"C{lengths.index(r['length']) % 10}",
-                       marker="osD^v<>ph*"[names.index(r["method"]) % 10])
+                       marker="osD^v<>ph*"[names.index(r["kind"]) % 10])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("time (s)")
