@@ -58,8 +58,9 @@ def test_a_model_without_attention_is_refused(tmp_path):
 def test_the_cli_writes_the_table_and_json(tmp_path, capsys):
     path = tmp_path / "attention.json"
     main(["bench", "--attention", "--attention-lengths", "64", "--attention-inputs", "random", "--repeats", "1",
-          "--threads", "1", "--json", str(path)])
+          "--threads", "1", "--json", str(path), "--plots", str(tmp_path / "plots")])
     assert "exact causal (SDPA)" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "attention_error_vs_time.png").stat().st_size > 1000
     records = json.loads(path.read_text())["runs"]
     assert {r["length"] for r in records} == {64}
     with pytest.raises(SystemExit, match="--attention-inputs: expected 'random' and/or 'trained', got 'real'"):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hybridlm.atomic_files import atomic_write_text
+from hybridlm.bench.report import pyplot
 from hybridlm.bench.runner import peak_rss_bytes, reset_peak_rss, set_threads
 from hybridlm.ops.attention.torch_ops import sdpa, sliding_window_attention
 from hybridlm.ops.linear_attention.chunked import linear_attention_chunked
@@ -316,13 +317,7 @@ def write_json(results: dict[str, Any], path: str | Path) -> None:
 def save_plot(results: dict[str, Any], directory: str | Path) -> list[Path]:
     """Output error against time, one panel per kind of input, one marker per method, one colour per length (PNG;
     needs matplotlib, the ``plot`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'hybridlm[plot]'") from e
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     runs = results["runs"]

@@ -101,9 +101,8 @@ def write_json(results: dict[str, Any], path: str | Path) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=str))
 
 
-def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
-    """PNG plots of prefill tok/s, decode ms/token and memory vs context: one colour per preset, ours solid, each
-    peer its own line style and marker. Needs matplotlib (the ``plot`` extra)."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or an ImportError saying which extra brings it."""
     try:
         import matplotlib
 
@@ -111,6 +110,13 @@ def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("plots need matplotlib: pip install 'hybridlm[plot]'") from e
+    return plt
+
+
+def save_plots(results: dict[str, Any], directory: str | Path) -> list[Path]:
+    """PNG plots of prefill tok/s, decode ms/token and memory vs context: one colour per preset, ours solid, each
+    peer its own line style and marker. Needs matplotlib (the ``plot`` extra)."""
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []

@@ -21,11 +21,10 @@ The normaliser is the state's extra column: values get a column of ones, so one 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 from hybridlm import ops
 from hybridlm.config import invalid
 from hybridlm.layers.linear import Linear
+from hybridlm.layers.mixer import mixer_options
 from hybridlm.layers.norm import RMSNorm, block_arguments
 from hybridlm.layers.numpy_views import kernel_arguments
 from hybridlm.layers.ssm import SSMState
@@ -79,13 +79,7 @@ class LinearAttentionOptions:
     @classmethod
     def of(cls, config: ModelConfig, letter: str) -> LinearAttentionOptions:
         """The options of the mixer of ``letter``, checked: ``config.invalid`` names the first bad one."""
-        given: dict[str, Any] = config.mixer_options.get(letter, {})
-        name = lambda option: f"mixer_options[{letter!r}].{option}"  # noqa: E731
-        known = [f.name for f in dataclasses.fields(cls)]
-        for option in given:
-            if option not in known:
-                raise invalid(name(option), f"an option of linear attention ({', '.join(known)})", option)
-        options = cls(**given)
+        options, name = mixer_options(cls, config, letter, "linear attention")
         for option, choices in (("feature_map", FEATURE_MAPS), ("decay", DECAYS), ("norm", NORMS)):
             if getattr(options, option) not in choices:
                 raise invalid(name(option), f"one of {choices}", getattr(options, option))

@@ -17,10 +17,9 @@ with the context; the KV cache does.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from hybridlm import ops
 from hybridlm.config import invalid
 from hybridlm.layers.attention import KVCache
 from hybridlm.layers.linear import Linear
+from hybridlm.layers.mixer import mixer_options
 from hybridlm.layers.rotary import Rotary
 from hybridlm.ops.lsh_attention.hashing import hash_buckets, random_rotations
 
@@ -49,13 +49,7 @@ class LSHAttentionOptions:
     @classmethod
     def of(cls, config: ModelConfig, letter: str) -> LSHAttentionOptions:
         """The options of the mixer of ``letter``, checked: ``config.invalid`` names the first bad one."""
-        given: dict[str, Any] = config.mixer_options.get(letter, {})
-        name = lambda option: f"mixer_options[{letter!r}].{option}"  # noqa: E731
-        known = [f.name for f in dataclasses.fields(cls)]
-        for option in given:
-            if option not in known:
-                raise invalid(name(option), f"an option of LSH attention ({', '.join(known)})", option)
-        options = cls(**given)
+        options, name = mixer_options(cls, config, letter, "LSH attention")
         for option, low in (("n_buckets", 1), ("n_rounds", 1), ("chunk_size", 1), ("seed", 0)):
             value = getattr(options, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -7,11 +7,14 @@ A mixer is one file under ``layers/``: its module, its state class, the checks o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
+
+from hybridlm.config import invalid
 
 if TYPE_CHECKING:
     from hybridlm.config import ModelConfig
@@ -77,3 +80,20 @@ class FusedStep(Protocol):
     def bind_step(self, state: LayerState, norm: RMSNorm | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
         """The block's step ``hidden + mixer(norm(hidden))`` (the mixer alone without ``norm``) as one call on float32
         arrays, (b, d_model) -> (b, d_model), weights and state bound; None where it does not apply."""
+
+
+Options = TypeVar("Options")
+
+
+def mixer_options(cls: type[Options], config: ModelConfig, letter: str, mixer: str
+                  ) -> tuple[Options, Callable[[str], str]]:
+    """A mixer's own options for ``letter`` as the dataclass ``cls`` (from ``config.mixer_options``), an unknown one
+    refused with the known ones listed; and the function naming an option in errors (``mixer_options['L'].decay``).
+    The caller checks the values."""
+    given: dict[str, Any] = config.mixer_options.get(letter, {})
+    name = lambda option: f"mixer_options[{letter!r}].{option}"  # noqa: E731
+    known = [f.name for f in dataclasses.fields(cls)]
+    for option in given:
+        if option not in known:
+            raise invalid(name(option), f"an option of {mixer} ({', '.join(known)})", option)
+    return cls(**given), name
