@@ -24,6 +24,9 @@ Public ops (shapes in each backend's docstring):
     lsh_attention    Reformer's shared-QK LSH attention over a sequence backends: sorted_chunks (torch), reference
     lsh_decode_attention  one query over its buckets' recent keys     backends: torch
 
+Outside the dispatch, called directly: ``low_rank_attention/`` (Nyströmformer and Skyformer, bidirectional attention
+functions no mixer uses; ``hybridlm bench --attention`` measures them).
+
 Decode-step ops (``step_kernel(op)``: the compiled kernel, or None where the module's torch step runs):
     mamba_step, mamba2_step, attention_step,  a block's step: norm, mixer and residual in one call
     linear_attention_step
