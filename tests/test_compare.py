@@ -69,15 +69,17 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
     from hybridlm.compare import CompareSettings, compare
 
     settings = CompareSettings.quick(task="mqar", task_params={"n_pairs": 4, "vocab_size": 32}, widths=[16, 32],
-                                     families=["transformer", "gla", "based"], short_length=None, short_steps=0)
+                                     families=["transformer", "gla", "based", "lsh"], short_length=None,
+                                     short_steps=0)
     results = compare(settings, tmp_path / "cmp", progress=False)
     runs = [(f["family"], f["d_model"]) for f in results["families"]]
-    assert runs == [(f, w) for w in (16, 32) for f in ("transformer", "gla", "based")]
+    assert runs == [(f, w) for w in (16, 32) for f in ("transformer", "gla", "based", "lsh")]
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "## Recall vs width" in report and "d_model 16 | d_model 32" in report
     by_run = {f["run"]: f for f in results["families"]}
     assert by_run["gla-d32"]["state_bytes"]["32"] == by_run["gla-d32"]["state_bytes"]["64"]  # fixed state
     assert by_run["gla-d32"]["state_bytes"]["32"] > by_run["gla-d16"]["state_bytes"]["32"]  # grows with width
+    assert by_run["lsh-d32"]["state_bytes"]["64"] > by_run["lsh-d32"]["state_bytes"]["32"]  # its KV cache grows
     assert (tmp_path / "cmp" / "runs" / "based-d16" / "checkpoint" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match=r"task 'mqar': unknown parameter\(s\) \['pairs'\]"):
         compare(CompareSettings.quick(task="mqar", task_params={"pairs": 4}), tmp_path / "bad", progress=False)
