@@ -19,8 +19,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        # Drop a token when the tokens ranked above it already cover top_p. The first always stays, also for a top_p
+        # below float32's smallest number (5e-324 becomes 0, and 0 >= 0 would drop every token).
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -28,10 +30,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generators: list[torch.Generator] | None) -> torch.Tensor:
-    # logits: (b, v) float -> next tokens (b,)
-    if temperature == 0:
+    # logits: (b, v) float -> next tokens (b,). Any temperature >= 0 is safe: the logits are shifted so that their
+    # largest is 0 before dividing, so a tiny temperature (1e-40) sends the others to -inf, not every logit to inf
+    # (inf - inf is NaN); one that is 0 in float32 (1e-320) is greedy.
+    if float(torch.tensor(temperature, dtype=torch.float32)) == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    logits = logits.float()
+    shifted = logits - logits.amax(-1, keepdim=True)
+    probs = filter_logits(shifted / temperature, top_k, top_p).softmax(-1)
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     # One generator per sequence: a sequence's tokens depend on its seed, not on its batch neighbours.

@@ -179,8 +179,9 @@ def sampling_params(body: dict[str, Any], prompt_tokens: int, limits: Limits, vo
     if top_p == 0:
         raise ApiError(400, "top_p: expected a number in (0, 1], got 0", param="top_p")
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(400, f"seed: expected an integer, got {seed!r}", param="seed")
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ApiError(400, f"seed: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (64 bits), got "
+                       f"{seed!r}", param="seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -191,6 +192,10 @@ def sampling_params(body: dict[str, Any], prompt_tokens: int, limits: Limits, vo
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=None if top_p == 1.0 else top_p,
                           stop=stop + list(extra_stop or []), seed=seed,
                           logit_bias=_logit_bias(body.get("logit_bias"), vocab_size))
+
+
+# The seeds torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _is_int(x: Any) -> bool:

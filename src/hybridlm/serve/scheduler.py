@@ -225,7 +225,10 @@ class Scheduler:
         for row, request in enumerate(self._active):
             if request.cancelled:
                 continue  # dropped at the next step
-            self._accept(request, self._sample(request, logits[row], vocab))
+            try:
+                self._accept(request, self._sample(request, logits[row], vocab))
+            except Exception as e:  # noqa: BLE001 - one row's failure (NaN logits, ...) ends that request alone
+                self._fail(request, f"{type(e).__name__}: {e}")  # and it leaves the batch at the next step
         self.batched_rows += len(self._active)
         self.state_bytes = self._batch.total_nbytes()
         self._count_step(self.generated_tokens - tokens_before)
