@@ -175,6 +175,28 @@ def test_n_null_or_1_is_accepted(server):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("field,value", [("echo", True), ("logprobs", 5), ("top_logprobs", 3), ("suffix", "x"),
+                                         ("presence_penalty", 0.5), ("frequency_penalty", -1),
+                                         ("response_format", {"type": "json_object"}), ("top_k", 40),
+                                         ("no_such_field", 1)])
+def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, field, value):
+    url = server.url + "/v1/completions"
+    r = httpx.post(url, json={"model": "llama-tiny", "prompt": "x", "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+def test_unimplemented_fields_at_their_neutral_defaults_are_accepted(server):
+    for field, value in (("echo", False), ("logprobs", None), ("presence_penalty", 0.0), ("frequency_penalty", 0),
+                         ("user", "someone")):
+        r = httpx.post(server.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "max_tokens": 2,
+                                                             field: value})
+        assert r.status_code == 200, (field, r.text)
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "llama-tiny", "messages": CHAT, "max_tokens": 2, "tools": [{"type": "function"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
 def test_bad_chat_messages_and_unknown_paths(server, client):
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="llama-tiny", messages=[{"role": "robot", "content": "x"}])

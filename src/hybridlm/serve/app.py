@@ -31,6 +31,7 @@ from hybridlm.serve.protocol import (
     ApiError,
     ChatTemplate,
     Limits,
+    check_fields,
     completion_object,
     forbidden,
     new_id,
@@ -161,6 +162,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
                        chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         body = parse_json_body(await request.body())
+        check_fields(body, endpoint)
         s = model_for(principal, endpoint, body.get("model"))
         record["model"] = s.name
         if chat:

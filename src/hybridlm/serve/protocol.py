@@ -150,6 +150,43 @@ class Limits:
                 raise ValueError(f"Limits.{name}: expected a positive integer, got {value!r}")
 
 
+# The request fields this server implements, by endpoint ("user" is OpenAI's caller tag: recorded by nobody, changes
+# nothing; "return_token_ids" is ours)
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logit_bias", "stream",
+                  "stream_options", "return_token_ids", "user"}
+FIELDS = {"completions": _COMMON_FIELDS | {"prompt", "best_of"},
+          "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens"}}
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted: some clients send
+# them with their defaults); any other value is refused rather than silently ignored
+NEUTRAL = {"echo": (False,), "logprobs": (False, None), "top_logprobs": (0, None), "suffix": (None, ""),
+           "presence_penalty": (0, None), "frequency_penalty": (0, None), "repetition_penalty": (1, None),
+           "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+           "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,), "top_k": (None,),
+           "min_p": (None,), "logit_bias_type": (None,)}
+
+
+def check_fields(body: dict[str, Any], endpoint: str) -> None:
+    """Refuse (400 naming it) every field of ``body`` this server would otherwise ignore: an unknown one, or an
+    OpenAI feature it does not implement asked for with a value other than its neutral default."""
+    for name, value in body.items():
+        if name in FIELDS[endpoint]:
+            continue
+        if name in NEUTRAL:
+            if any(_same(value, neutral) for neutral in NEUTRAL[name]):
+                continue
+            raise ApiError(400, f"{name}: not supported by this server (got {value!r}; only {NEUTRAL[name]!r}, "
+                           f"which ask for nothing, are accepted)", param=name)
+        raise ApiError(400, f"{name}: unknown field for /v1/{'chat/' if endpoint == 'chat' else ''}completions; "
+                       f"this server takes {sorted(FIELDS[endpoint])}", param=name)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    # JSON equality without Python's True == 1: false is not 0, 0.0 is 0
+    if isinstance(neutral, bool) or isinstance(value, bool) or neutral is None:
+        return value is neutral
+    return type(value) in (int, float) and value == neutral if type(neutral) in (int, float) else value == neutral
+
+
 def sampling_params(body: dict[str, Any], prompt_tokens: int, limits: Limits, vocab_size: int,
                     extra_stop: list[str] | None = None) -> SamplingParams:
     """Validate the OpenAI sampling fields of ``body`` (400 naming the field) and bound them by ``limits``."""
