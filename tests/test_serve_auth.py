@@ -313,7 +313,7 @@ def test_jwks_encryption_keys_are_skipped(tmp_path, signing_keys):
 
 
 def test_audit_log_rotates_by_size(tmp_path):
-    log = AuditLog(tmp_path / "a.jsonl", max_bytes=2048, backups=2)
+    log = AuditLog(tmp_path / "a.jsonl", max_bytes=2048, backups=2, keep_seconds=0)  # old files may go at once
     for i in range(100):
         log.write({"time": "2026-01-01T00:00:00Z", "principal": f"p{i}", "status": 200, "prompt": "x" * 50})
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -321,6 +321,23 @@ def test_audit_log_rotates_by_size(tmp_path):
     assert all(p.stat().st_size <= 2048 for p in tmp_path.iterdir())
     kept = query(tmp_path / "a.jsonl")
     assert [r["principal"] for r in kept] == [f"p{i}" for i in range(100 - len(kept), 100)]  # newest, in order
+
+
+def test_a_flood_of_huge_prompts_neither_bloats_records_nor_rotates_recent_ones_away(tmp_path):
+    # The attack of the reliability issue: six refused 10.5 MB prompts rotated away every earlier record.
+    log = AuditLog(tmp_path / "a.jsonl", max_bytes=4096, backups=2)
+    for i in range(20):
+        log.write({"principal": "victim", "status": 200, "prompt": f"question {i}"})
+    huge = "y" * 10_500_000
+    for _ in range(60):
+        log.write({"principal": "attacker", "status": 403, "prompt": huge, "output": [{"content": huge}]})
+    records = query(tmp_path / "a.jsonl")
+    assert [r["prompt"] for r in records if r["principal"] == "victim"] == [f"question {i}" for i in range(20)]
+    stored = next(r["prompt"] for r in records if r["principal"] == "attacker")
+    assert stored["bytes"] == len(huge) and stored["sha256"] == hashlib.sha256(huge.encode()).hexdigest()
+    assert len(stored["truncated"]) == 16_384
+    assert all(p.stat().st_size < 40_000 + 4096 for p in tmp_path.iterdir())  # bounded records
+    assert len(list(tmp_path.iterdir())) > 3  # more files than `backups`: none was young enough to drop
 
 
 def test_apikey_command_prints_a_key_and_its_hash_for_the_auth_file(tmp_path, capsys):

@@ -91,7 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         audit_config = auth.audit if auth else {}
         audit = AuditLog(args.audit_log or audit_config.get("path", "hybridlm-audit.jsonl"),
                          max_bytes=int(audit_config.get("max_bytes", 10_000_000)),
-                         backups=int(audit_config.get("backups", 5)))
+                         backups=int(audit_config.get("backups", 5)),
+                         max_field_bytes=int(audit_config.get("max_field_bytes", 16_384)),
+                         keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
         print(f"audit log: {audit.path}", file=sys.stderr)
         limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens)
         app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue)

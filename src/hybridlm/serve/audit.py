@@ -6,15 +6,24 @@ Each record holds ``time`` (UTC, ISO 8601), ``request_id``, ``method``, ``path``
 client went away mid-stream), ``finish_reason`` and ``error``. Credentials are never written: the server
 never passes the Authorization header here.
 
-When the file would exceed ``max_bytes`` it is renamed ``FILE.1`` (``FILE.1`` to ``FILE.2``, ...; at most
-``backups`` old files are kept) and a new file is started.
+A caller decides what a prompt holds, so no caller may decide what the log loses:
+
+- ``prompt`` and ``output`` are stored whole up to ``max_field_bytes`` (16 KiB) of JSON each; a longer one is stored
+  as ``{"truncated": <its first max_field_bytes characters>, "bytes": <its full size>, "sha256": <of all of it>}``,
+  so a record's size is bounded and the whole can still be matched against a copy.
+- When the file would exceed ``max_bytes`` it is renamed ``FILE.1`` (``FILE.1`` to ``FILE.2``, ...) and a new file
+  is started. Old files beyond ``backups`` are deleted only once older than ``keep_seconds`` (7 days): a flood of
+  requests can make the log take more files, never make it drop recent ones. Rotation keeps by age, not by count
+  alone; the disk it may take during a flood is bounded by what the server admits (its queue and limits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,16 +37,23 @@ def utc_now() -> str:
 class AuditLog:
     """Appends records to ``path`` (thread-safe), rotating by size."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5,
+                 max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400) -> None:
         if max_bytes < 1024:
             raise ValueError(f"audit max_bytes: expected at least 1024, got {max_bytes!r}")
         if backups < 0:
             raise ValueError(f"audit backups: expected an integer >= 0, got {backups!r}")
+        if max_field_bytes < 64:
+            raise ValueError(f"audit max_field_bytes: expected at least 64, got {max_field_bytes!r}")
+        if keep_seconds < 0:
+            raise ValueError(f"audit keep_seconds: expected a number >= 0, got {keep_seconds!r}")
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
+        self.max_field_bytes, self.keep_seconds = max_field_bytes, keep_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, **{k: self._bounded(record[k]) for k in ("prompt", "output") if k in record}}
         try:
             line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate somewhere: escaped, the line stays valid UTF-8 and JSON
@@ -53,15 +69,27 @@ class AuditLog:
             finally:
                 os.close(fd)
 
+    def _bounded(self, value: Any) -> Any:
+        # a prompt or output as stored: whole when its JSON fits max_field_bytes, else its head, size and hash
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        data = text.encode("utf-8", errors="surrogatepass")
+        if len(data) <= self.max_field_bytes:
+            return value
+        return {"truncated": text[: self.max_field_bytes], "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+
     def _rotate(self) -> None:
-        if self.backups == 0:
-            self.path.unlink(missing_ok=True)
-            return
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        # Shift every rotated file up by one (FILE.n -> FILE.n+1, ..., FILE -> FILE.1), then delete those past
+        # `backups` that are older than keep_seconds; younger ones stay, however many there are.
+        numbered = sorted((p for p in self.path.parent.glob(f"{self.path.name}.*") if p.suffix[1:].isdigit()),
+                          key=lambda p: -int(p.suffix[1:]))
+        for older in numbered:
+            os.replace(older, self.path.with_name(f"{self.path.name}.{int(older.suffix[1:]) + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        cutoff = time.time() - self.keep_seconds
+        for old in self.path.parent.glob(f"{self.path.name}.*"):
+            if old.suffix[1:].isdigit() and int(old.suffix[1:]) > self.backups and old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
 
 
 def log_files(path: str | Path) -> list[Path]:
