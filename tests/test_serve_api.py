@@ -311,3 +311,17 @@ def test_audit_cli_reads_the_log(server, client, capsys):
     assert table and all("  404  " in line for line in table)
     with pytest.raises(SystemExit, match="since"):
         main(["audit", str(server.app.state.audit_log.path), "--since", "yesterday"])
+
+
+def test_every_path_is_audited_under_its_real_path_and_trailing_slashes_do_not_redirect(server):
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    for path in ("/v1/audit/", "/metrics/", "//v1/audit", "/v1//completions"):
+        with socket.create_connection((host, int(port))) as conn:  # raw, so no client normalises the path
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            assert conn.recv(64).startswith(b"HTTP/1.1 404"), path
+    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-8:]]
+    assert [(r["path"], r["status"]) for r in recent if r["path"] in ("/v1/audit/", "/metrics/", "//v1/audit",
+                                                                      "/v1//completions")] == [
+        ("/v1/audit/", 404), ("/metrics/", 404), ("//v1/audit", 404), ("/v1//completions", 404)]

@@ -114,7 +114,9 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
             for s in schedulers.values():
                 s.close()
 
-    app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: "/v1/audit/" is an audited 404, not an unaudited 307 to the real path
+    app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.schedulers, app.state.metrics, app.state.audit_log = schedulers, metrics, audit_log
 
     # ------------------------------------------------------------------------------ request wrapper
@@ -130,7 +132,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         and audit. A streaming ``work`` sets ``record['deferred']`` and finishes the record itself."""
         started = time.monotonic()
         record: dict[str, Any] = {
-            "time": utc_now(), "request_id": new_id("req"), "method": request.method, "path": request.url.path,
+            "time": utc_now(), "request_id": new_id("req"), "method": request.method, "path": request.scope["path"],
             "endpoint": endpoint, "principal": None, "role": None, "auth": None,
             "client": request.client.host if request.client else None, "model": None, "prompt": None,
             "output": None, "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": None, "error": None}
