@@ -325,3 +325,17 @@ def test_every_path_is_audited_under_its_real_path_and_trailing_slashes_do_not_r
     assert [(r["path"], r["status"]) for r in recent if r["path"] in ("/v1/audit/", "/metrics/", "//v1/audit",
                                                                       "/v1//completions")] == [
         ("/v1/audit/", 404), ("/metrics/", 404), ("//v1/audit", 404), ("/v1//completions", 404)]
+
+
+def test_without_auth_only_loopback_host_names_are_answered(server):
+    # DNS rebinding: a page in a browser on this machine reaching the local admin through its own name
+    for host in ("rebind.attacker.example", "rebind.attacker.example:8000", "10.0.0.1"):
+        r = httpx.get(server.url + "/v1/audit", headers={"Host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", host
+        r = httpx.post(server.url + "/v1/completions", headers={"Host": host, "Content-Type": "text/plain"},
+                       content=b'{"model": "llama-tiny", "prompt": "x", "max_tokens": 1}')
+        assert r.status_code == 400, host
+    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-2:]]
+    assert all(r["status"] == 400 and "Host" in r["error"] for r in recent)  # refused, and audited
+    for host in ("127.0.0.1", "LOCALHOST:1234", "[::1]:80"):
+        assert httpx.get(server.url + "/v1/models", headers={"Host": host}).status_code == 200, host

@@ -96,7 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
         print(f"audit log: {audit.path}", file=sys.stderr)
         limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens)
-        app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue)
+        app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue,
+                         allowed_hosts=args.allowed_host)
     except BaseException:
         sock.close()  # an error before serving: give the port back
         raise
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "./hybridlm-audit.jsonl)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name to answer (repeat); default: the loopback names without --auth, any with it")
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (default 2048)")
     p.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of preset models")

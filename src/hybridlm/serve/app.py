@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,29 @@ def load_served_model(spec: str, seed: int = 0) -> ServedModel:
     return ServedModel(name or source, HybridLM(config).eval())
 
 
+# The Host names a server without --auth answers: a page elsewhere in a browser on this machine could otherwise
+# reach the local admin through a name of its own that resolves to 127.0.0.1 (DNS rebinding)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def host_name(header: str | None) -> str:
+    """The host of a Host header, without its port, lowercased ("[::1]:8000" -> "[::1]")."""
+    host = (header or "").strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | None = None,
                audit_log: AuditLog | None = None, limits: Limits | None = None, max_batch: int = 32,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI app serving ``models`` (name -> model). ``auth=None`` lets every caller in as the local
-    admin: only for a server bound to loopback (``run`` enforces it). The schedulers' threads start with
-    the app and stop with it (its lifespan)."""
+    admin: only for a server bound to loopback (``run`` enforces it). ``allowed_hosts``: the Host names answered
+    (any other gets an audited 400); default the loopback names without ``auth``, any with it. The schedulers'
+    threads start with the app and stop with it (its lifespan)."""
+    if allowed_hosts is None and auth is None:
+        allowed_hosts = LOOPBACK_HOSTS
+    hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
     if not models:
         raise ValueError("models: expected at least one model to serve")
     served = {name: m if isinstance(m, ServedModel) else ServedModel(name, m) for name, m in models.items()}
@@ -137,6 +154,9 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
             "client": request.client.host if request.client else None, "model": None, "prompt": None,
             "output": None, "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": None, "error": None}
         try:
+            if hosts is not None and host_name(request.headers.get("host")) not in hosts:
+                raise ApiError(400, f"Host: {request.headers.get('host')!r} is not a name this server answers "
+                               f"({sorted(hosts)})", code="host_not_allowed")
             principal = authenticator.authenticate(request.headers.get("authorization"))
             record.update(principal=principal.name, role=principal.role, auth=principal.method)
             response = await work(request, principal, record, started)
