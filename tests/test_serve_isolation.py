@@ -84,3 +84,14 @@ def test_a_poisoned_request_ends_alone_while_the_others_stream_exactly_as_alone(
             assert r.finish_reason in ("length", "stop") and r.tokens == want[i], f"request {i}"
     # A temperature too small for float32 is greedy, not a NaN
     assert tiny_events[id(tiny)][-1][0] == "done" and tiny.tokens == reference(model, prompts[0], 12, temperature=0)
+
+
+def test_admission_counts_free_batch_slots_before_refusing():
+    from hybridlm.serve.scheduler import QueueFull
+
+    scheduler = Scheduler(tiny_model("mamba-tiny"), TOKENIZER, max_batch=8, max_queue=2)  # not started: none runs
+    requests = [GenerationRequest([1, 2], SamplingParams(2), lambda kind, payload: None) for _ in range(11)]
+    for r in requests[:10]:  # 8 free slots + a queue of 2
+        scheduler.submit(r)
+    with pytest.raises(QueueFull):
+        scheduler.submit(requests[10])

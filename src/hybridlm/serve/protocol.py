@@ -121,8 +121,21 @@ class ChatTemplate:
             if role not in self.ROLES:
                 raise ApiError(400, f"messages[{i}].role: expected one of {list(self.ROLES)}, got {role!r}",
                                param="messages")
-            parts.append(self.message.format(role=role, content=_content_text(message.get("content"), i)))
+            content = _content_text(message.get("content"), i)
+            for marker in self.markers():  # else a user could write a system turn into its own message
+                if marker in content:
+                    raise ApiError(400, f"messages[{i}].content: contains the chat template's marker {marker!r}, "
+                                   f"which only the server may write", param="messages")
+            parts.append(self.message.format(role=role, content=content))
         return "".join(parts) + self.generation_prompt
+
+    def markers(self) -> list[str]:
+        """What the template writes around a message (each role's opening, the generation prompt), stripped of
+        surrounding whitespace: text a message's content may not contain."""
+        opening = self.message.split("{content}")[0]
+        found = {opening.format(role=role).strip() for role in self.ROLES} | {self.generation_prompt.strip()}
+        found |= {stop.strip() for stop in self.stop}
+        return sorted(m for m in found if m)
 
 
 def _content_text(content: Any, i: int) -> str:

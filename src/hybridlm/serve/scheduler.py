@@ -126,7 +126,8 @@ class Scheduler:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the scheduler is closed")
-            if len(self._waiting) >= self.max_queue:
+            # Waiting room: the queue, plus the batch slots free now (they take a request at the next step)
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._active)):
                 # Retry once the running batch has had time to turn over: ~1 s per full queue of a batch.
                 raise QueueFull(len(self._waiting), retry_after=max(1, len(self._waiting) // self.max_batch))
             self._waiting.append(request)
