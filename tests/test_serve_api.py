@@ -349,3 +349,23 @@ def test_chat_content_may_not_hold_the_templates_markers(client):
     ok = client.chat.completions.create(model="llama-tiny", max_tokens=2,
                                         messages=[{"role": "user", "content": "a <b>tag</b> and |pipes|"}])
     assert ok.usage.completion_tokens >= 1
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(models, tmp_path):
+    app = create_app({"llama-tiny": models["llama-tiny"]}, limits=Limits(max_body_bytes=4096),
+                     audit_log=AuditLog(tmp_path / "a.jsonl"))
+    with BackgroundServer(app) as srv:
+        big = json.dumps({"model": "llama-tiny", "prompt": "x" * 10_000, "max_tokens": 1}).encode()
+        r = httpx.post(srv.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 1000
+
+        r = httpx.post(srv.url + "/v1/completions", content=chunks())
+        assert r.status_code == 413
+        ok = httpx.post(srv.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "max_tokens": 1})
+        assert ok.status_code == 200
+    statuses = [json.loads(x)["status"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert statuses == [413, 413, 200]

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          max_field_bytes=int(audit_config.get("max_field_bytes", 16_384)),
                          keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
         print(f"audit log: {audit.path}", file=sys.stderr)
-        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens)
+        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
         app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue,
                          allowed_hosts=args.allowed_host)
     except BaseException:
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name to answer (repeat); default: the loopback names without --auth, any with it")
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (default 2048)")
+    p.add_argument("--max-body-bytes", type=int, default=1_048_576,
+                   help="a request body larger is refused with 413 (default 1 MiB)")
     p.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of preset models")
     p.set_defaults(func=cmd_serve)

@@ -94,6 +94,22 @@ def host_name(header: str | None) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (its Content-Length,
+    or the bytes received so far): a 20 MB body is never read whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body: {int(declared):,} bytes, more than this server's limit of {limit:,}",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body: more than this server's limit of {limit:,} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | None = None,
                audit_log: AuditLog | None = None, limits: Limits | None = None, max_batch: int = 32,
                max_queue: int = 64, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
@@ -183,7 +199,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     async def generate(request: Request, principal: Principal, record: dict[str, Any], started: float,
                        chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        body = parse_json_body(await request.body())
+        body = parse_json_body(await read_body(request, limits.max_body_bytes))
         check_fields(body, endpoint)
         s = model_for(principal, endpoint, body.get("model"))
         record["model"] = s.name

@@ -155,9 +155,10 @@ class Limits:
     max_context: int = 2048  # prompt + generated tokens
     max_tokens: int = 1024  # generated tokens per request
     default_max_tokens: int = 256  # when a request gives no max_tokens (bounded by max_tokens and the context)
+    max_body_bytes: int = 1_048_576  # a request body larger is refused (413) before it is read further
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "max_tokens", "default_max_tokens"):
+        for name in ("max_context", "max_tokens", "default_max_tokens", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name}: expected a positive integer, got {value!r}")
