@@ -340,6 +340,18 @@ def test_a_flood_of_huge_prompts_neither_bloats_records_nor_rotates_recent_ones_
     assert len(list(tmp_path.iterdir())) > 3  # more files than `backups`: none was young enough to drop
 
 
+def test_a_torn_last_line_is_set_aside_at_start_not_glued_to_the_next_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    AuditLog(path).write({"principal": "before", "status": 200})
+    with open(path, "ab") as f:
+        f.write(b'{"principal": "killed mid-wri')  # kill -9 during a write
+    log = AuditLog(path)
+    assert log.torn is not None and log.torn.read_bytes() == b'{"principal": "killed mid-wri'
+    log.write({"principal": "after", "status": 200})
+    assert [json.loads(x)["principal"] for x in path.read_text().splitlines()] == ["before", "after"]
+    assert AuditLog(path).torn is None  # a whole log is left as it is
+
+
 def test_apikey_command_prints_a_key_and_its_hash_for_the_auth_file(tmp_path, capsys):
     main(["apikey", "--principal", "alice", "--role", "auditor"])
     out = capsys.readouterr().out

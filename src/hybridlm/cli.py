@@ -95,6 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          max_field_bytes=int(audit_config.get("max_field_bytes", 16_384)),
                          keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
         print(f"audit log: {audit.path}", file=sys.stderr)
+        if audit.torn is not None:
+            print(f"audit log: its last line was cut by a crash; set aside in {audit.torn}", file=sys.stderr)
         limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
         app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue,
                          allowed_hosts=args.allowed_host)

@@ -11,6 +11,7 @@ A caller decides what a prompt holds, so no caller may decide what the log loses
 - ``prompt`` and ``output`` are stored whole up to ``max_field_bytes`` (16 KiB) of JSON each; a longer one is stored
   as ``{"truncated": <its first max_field_bytes characters>, "bytes": <its full size>, "sha256": <of all of it>}``,
   so a record's size is bounded and the whole can still be matched against a copy.
+- A torn last line (a crash mid-write) is moved to ``FILE.torn-<time>`` when the log is opened, never appended to.
 - When the file would exceed ``max_bytes`` it is renamed ``FILE.1`` (``FILE.1`` to ``FILE.2``, ...) and a new file
   is started. Old files beyond ``backups`` are deleted only once older than ``keep_seconds`` (7 days): a flood of
   requests can make the log take more files, never make it drop recent ones. Rotation keeps by age, not by count
@@ -49,6 +50,7 @@ class AuditLog:
             raise ValueError(f"audit keep_seconds: expected a number >= 0, got {keep_seconds!r}")
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
         self.max_field_bytes, self.keep_seconds = max_field_bytes, keep_seconds
+        self.torn = self._set_aside_torn_line()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
@@ -68,6 +70,30 @@ class AuditLog:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+
+    def _set_aside_torn_line(self) -> Path | None:
+        """A crash mid-write leaves a last line without its newline; appending to it would glue the next record on
+        and lose both. Move that tail to ``FILE.torn-<unix time>`` (kept, for whoever investigates) and cut the log
+        back to its last whole line. Returns the file it went to, or None."""
+        if not self.path.is_file():
+            return None
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return None
+            start = max(0, size - 1_048_576)  # a record is bounded (max_field_bytes): its tail is within 1 MiB
+            f.seek(start)
+            tail = f.read()
+            cut = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+            f.seek(cut)
+            torn = f.read()
+            aside = self.path.with_name(f"{self.path.name}.torn-{int(time.time())}")
+            aside.write_bytes(torn)
+            f.truncate(cut)
+        return aside
 
     def _bounded(self, value: Any) -> Any:
         # a prompt or output as stored: whole when its JSON fits max_field_bytes, else its head, size and hash
