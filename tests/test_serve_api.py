@@ -15,6 +15,7 @@ from serve_helpers import TOKENIZER, reference, tiny_model  # noqa: E402
 from hybridlm.cli import main  # noqa: E402
 from hybridlm.serve import AuditLog, ChatTemplate, Limits, create_app  # noqa: E402
 from hybridlm.serve.app import BackgroundServer  # noqa: E402
+from hybridlm.serve.audit import query  # noqa: E402
 
 MODELS = ["llama-tiny", "mamba-tiny"]
 
@@ -158,7 +159,7 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, c
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"] and error["type"] == "invalid_request_error"
     # Audited before the reply; the last few lines, as an earlier stream's record may be written just after.
-    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-3:]]
+    recent = query(server.app.state.audit_log.path)[-3:]
     assert (path, status, error["message"]) in [(r["path"], r["status"], r["error"]) for r in recent]
     ok = client.completions.create(model="llama-tiny", prompt="still alive?", max_tokens=3)
     assert ok.usage.completion_tokens >= 1
@@ -234,7 +235,7 @@ def test_client_disconnect_cancels_the_stream(server):
         time.sleep(0.02)
     assert scheduler.active_streams == 0
     time.sleep(0.2)
-    record = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()][-1]
+    record = query(server.app.state.audit_log.path)[-1]
     assert record["prompt"] == "go on and on" and record["status"] == 499
     assert 1 <= record["completion_tokens"] < 4000
 
@@ -251,7 +252,7 @@ def test_client_timeout_cancels_a_non_streaming_request(server):
         time.sleep(0.02)
     assert scheduler.active_streams == 0
     time.sleep(0.2)
-    records = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()]
+    records = query(server.app.state.audit_log.path)
     record = next(r for r in reversed(records) if r["prompt"] == "no stream")
     assert record["status"] == 499 and record["completion_tokens"] < 4000
 
@@ -321,7 +322,7 @@ def test_every_path_is_audited_under_its_real_path_and_trailing_slashes_do_not_r
         with socket.create_connection((host, int(port))) as conn:  # raw, so no client normalises the path
             conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             assert conn.recv(64).startswith(b"HTTP/1.1 404"), path
-    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-8:]]
+    recent = query(server.app.state.audit_log.path)[-8:]
     assert [(r["path"], r["status"]) for r in recent if r["path"] in ("/v1/audit/", "/metrics/", "//v1/audit",
                                                                       "/v1//completions")] == [
         ("/v1/audit/", 404), ("/metrics/", 404), ("//v1/audit", 404), ("/v1//completions", 404)]
@@ -335,7 +336,7 @@ def test_without_auth_only_loopback_host_names_are_answered(server):
         r = httpx.post(server.url + "/v1/completions", headers={"Host": host, "Content-Type": "text/plain"},
                        content=b'{"model": "llama-tiny", "prompt": "x", "max_tokens": 1}')
         assert r.status_code == 400, host
-    recent = [json.loads(x) for x in server.app.state.audit_log.path.read_text().splitlines()[-2:]]
+    recent = query(server.app.state.audit_log.path)[-2:]
     assert all(r["status"] == 400 and "Host" in r["error"] for r in recent)  # refused, and audited
     for host in ("127.0.0.1", "LOCALHOST:1234", "[::1]:80"):
         assert httpx.get(server.url + "/v1/models", headers={"Host": host}).status_code == 200, host
@@ -367,5 +368,21 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(models, tmp_pa
         assert r.status_code == 413
         ok = httpx.post(srv.url + "/v1/completions", json={"model": "llama-tiny", "prompt": "x", "max_tokens": 1})
         assert ok.status_code == 200
-    statuses = [json.loads(x)["status"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    statuses = [r["status"] for r in query(tmp_path / "a.jsonl")]
     assert statuses == [413, 413, 200]
+
+
+def test_a_request_is_in_the_log_from_its_admission_and_reads_as_one_record_once_ended(server):
+    path = server.app.state.audit_log.path
+    body = {"model": "mamba-tiny", "prompt": "admitted first", "max_tokens": 3000, "stream": True, "seed": 3}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(lines)  # streaming: admitted, not ended (a crash now would leave this record)
+        mine = [x for x in query(path) if x["prompt"] == "admitted first"]
+        assert len(mine) == 1 and mine[0]["admitted"] is True and "status" not in mine[0]
+        for _ in lines:
+            pass
+    mine = [x for x in query(path) if x["prompt"] == "admitted first"]
+    assert len(mine) == 1 and mine[0]["status"] == 200 and "admitted" not in mine[0]
+    raw = [json.loads(x) for x in path.read_text().splitlines() if "admitted first" in x]
+    assert [x.get("admitted", False) for x in raw] == [True, False]  # both lines stay on disk

@@ -21,6 +21,7 @@ from serve_helpers import reference, tiny_model  # noqa: E402
 from hybridlm import HybridLM, ModelConfig  # noqa: E402
 from hybridlm.cli import main  # noqa: E402
 from hybridlm.serve import AuditLog  # noqa: E402
+from hybridlm.serve.audit import query  # noqa: E402
 from hybridlm.serve.protocol import ChatTemplate  # noqa: E402
 
 TEMPLATE = {"message": "### {role}: {content}\n", "generation_prompt": "### assistant:", "stop": ["\n###"]}
@@ -85,7 +86,7 @@ def test_serve_command_serves_a_checkpoint_and_a_preset_under_their_names(tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
-    records = [json.loads(x) for x in audit.read_text().splitlines()]
+    records = query(audit)
     assert [(r["model"], r["status"]) for r in records] == [(None, 200), ("my-mamba", 200), ("small", 200),
                                                             ("small", 400)]
 

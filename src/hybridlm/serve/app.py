@@ -232,6 +232,8 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
         record["prompt_tokens"] = len(ids)
+        if audit_log is not None:  # admitted: a crash before it ends still leaves it in the log
+            audit_log.write({**record, "admitted": True})
         rid = new_id("chatcmpl" if chat else "cmpl")
 
         closed = False

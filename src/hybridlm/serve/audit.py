@@ -4,7 +4,9 @@ Each record holds ``time`` (UTC, ISO 8601), ``request_id``, ``method``, ``path``
 ``principal``, ``role``, ``auth`` (how the caller was identified), ``client``, ``model``, ``prompt``,
 ``output``, ``prompt_tokens``, ``completion_tokens``, ``latency_ms``, ``status`` (HTTP status; 499 when the
 client went away mid-stream), ``finish_reason`` and ``error``. Credentials are never written: the server
-never passes the Authorization header here.
+never passes the Authorization header here. A generation request is written twice: when it is admitted (with
+``"admitted": true`` and no status yet) and when it ends; ``query`` shows the admission only for a request that never
+ended (the server died first), so every admitted request stays visible and each request reads as one record.
 
 A caller decides what a prompt holds, so no caller may decide what the log loses:
 
@@ -144,8 +146,11 @@ def query(path: str | Path, principal: str | None = None, since: str | None = No
     """Records of the log at ``path`` (rotated files included), oldest first, filtered by ``principal``,
     time range [``since``, ``until``] (ISO 8601 or Unix seconds) and ``status``; the last ``limit`` of them."""
     t0, t1 = _parse_time(since, "since"), _parse_time(until, "until")
+    ended = {r.get("request_id") for r in _records(path) if not r.get("admitted")}
     out = []
     for record in _records(path):
+        if record.get("admitted") and record.get("request_id") in ended:
+            continue  # its final record follows
         if principal is not None and record.get("principal") != principal:
             continue
         if status is not None and record.get("status") != status:
