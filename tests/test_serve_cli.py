@@ -19,10 +19,10 @@ import torch  # noqa: E402
 from serve_helpers import reference, tiny_model  # noqa: E402
 
 from hybridlm import HybridLM, ModelConfig  # noqa: E402
+from hybridlm.chat_template import ChatTemplate  # noqa: E402
 from hybridlm.cli import main  # noqa: E402
 from hybridlm.serve import AuditLog  # noqa: E402
 from hybridlm.serve.audit import query  # noqa: E402
-from hybridlm.serve.protocol import ChatTemplate  # noqa: E402
 
 TEMPLATE = {"message": "### {role}: {content}\n", "generation_prompt": "### assistant:", "stop": ["\n###"]}
 

@@ -4,10 +4,11 @@ Needs the ``serve`` extra (``pip install "hybridlm[serve]"``). Start it with ``h
 or from Python with ``create_app`` and ``run``.
 """
 
+from hybridlm.chat_template import ChatTemplate
 from hybridlm.serve.app import BackgroundServer, ServedModel, create_app, run
 from hybridlm.serve.audit import AuditLog
 from hybridlm.serve.auth import AuthConfig, new_api_key
-from hybridlm.serve.protocol import ChatTemplate, Limits
+from hybridlm.serve.protocol import Limits
 from hybridlm.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
 
 __all__ = ["AuditLog", "AuthConfig", "BackgroundServer", "ChatTemplate", "GenerationRequest", "Limits",

@@ -23,13 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hybridlm.chat_template import ChatTemplate
 from hybridlm.model import HybridLM
 from hybridlm.serve.audit import AuditLog, query, utc_now
 from hybridlm.serve.auth import AuthConfig, Authenticator, Principal
 from hybridlm.serve.metrics import Metrics
 from hybridlm.serve.protocol import (
     ApiError,
-    ChatTemplate,
     Limits,
     check_fields,
     completion_object,
@@ -37,6 +37,7 @@ from hybridlm.serve.protocol import (
     new_id,
     parse_json_body,
     prompt_text,
+    render_chat,
     sampling_params,
     usage,
 )
@@ -204,7 +205,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         s = model_for(principal, endpoint, body.get("model"))
         record["model"] = s.name
         if chat:
-            prompt = s.chat_template.render(body.get("messages"))
+            prompt = render_chat(s.chat_template, body.get("messages"))
             record["prompt"] = body.get("messages")
         else:
             prompt = prompt_text(body)

@@ -1,13 +1,10 @@
-"""The OpenAI wire format: request validation, error bodies, the chat template, response objects.
+"""The OpenAI wire format: request validation, error bodies, chat prompts, response objects.
 
 Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
 anything the client can fix.
 
-Chat template (used when a checkpoint directory has no ``chat_template.json``): each message becomes
-``<|role|>\\n{content}\\n`` (role: system, user or assistant), and the prompt ends with ``<|assistant|>\\n``
-for the reply. Generation also stops at ``\\n<|user|>``, so a model that goes on to write the next turn is
-cut there. A ``chat_template.json`` may override the three strings: ``{"message": "<|{role}|>\\n{content}\\n",
-"generation_prompt": "<|assistant|>\\n", "stop": ["\\n<|user|>"]}``.
+The chat template is ``hybridlm.chat_template`` (shared with post-training); ``render_chat`` answers its
+errors as 400s.
 """
 
 from __future__ import annotations
@@ -16,10 +13,10 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from hybridlm.chat_template import ChatFormatError, ChatTemplate
 from hybridlm.serve.scheduler import SamplingParams
 
 
@@ -84,67 +81,12 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------- chat
-@dataclass
-class ChatTemplate:
-    """How chat messages become one prompt; see the module docstring."""
-
-    message: str = "<|{role}|>\n{content}\n"
-    generation_prompt: str = "<|assistant|>\n"
-    stop: list[str] = field(default_factory=lambda: ["\n<|user|>"])
-
-    ROLES = ("system", "user", "assistant")
-
-    @classmethod
-    def for_checkpoint(cls, path: str | Path | None) -> ChatTemplate:
-        """The checkpoint's ``chat_template.json`` when it has one, else the default."""
-        file = None if path is None else Path(path) / "chat_template.json"
-        if file is None or not file.is_file():
-            return cls()
-        data = json.loads(file.read_text())
-        unknown = set(data) - {"message", "generation_prompt", "stop"}
-        if unknown:
-            raise ValueError(f"{file}: unknown keys {sorted(unknown)}; expected message, generation_prompt, stop")
-        return cls(**data)
-
-    def render(self, messages: Any) -> str:
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages: expected a non-empty list of {role, content} objects", param="messages")
-        parts = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise ApiError(400, f"messages[{i}]: expected an object, got {type(message).__name__}",
-                               param="messages")
-            role = message.get("role")
-            if role == "developer":  # OpenAI's newer name for the system role
-                role = "system"
-            if role not in self.ROLES:
-                raise ApiError(400, f"messages[{i}].role: expected one of {list(self.ROLES)}, got {role!r}",
-                               param="messages")
-            content = _content_text(message.get("content"), i)
-            for marker in self.markers():  # else a user could write a system turn into its own message
-                if marker in content:
-                    raise ApiError(400, f"messages[{i}].content: contains the chat template's marker {marker!r}, "
-                                   f"which only the server may write", param="messages")
-            parts.append(self.message.format(role=role, content=content))
-        return "".join(parts) + self.generation_prompt
-
-    def markers(self) -> list[str]:
-        """What the template writes around a message (each role's opening, the generation prompt), stripped of
-        surrounding whitespace: text a message's content may not contain."""
-        opening = self.message.split("{content}")[0]
-        found = {opening.format(role=role).strip() for role in self.ROLES} | {self.generation_prompt.strip()}
-        found |= {stop.strip() for stop in self.stop}
-        return sorted(m for m in found if m)
-
-
-def _content_text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content: expected a string or a list of text parts", param="messages")
+def render_chat(template: ChatTemplate, messages: Any) -> str:
+    """The prompt for ``messages``; a message list the template refuses is a 400 naming the field."""
+    try:
+        return template.render(messages)
+    except ChatFormatError as e:
+        raise ApiError(400, str(e), param="messages") from None
 
 
 # ------------------------------------------------------------------------------------- parameters
