@@ -10,8 +10,8 @@ kernels once for a model and an inference state and keeps them with the state. E
 C-level loops, that no weight or state tensor was replaced and no forward hook added, and runs the bound calls. Where
 every block is the same SSM mixer with nothing else (a Mamba or Mamba-2 model), the embedding, the blocks and the
 head are one call (the mixer class's ``bind_stack``). Blocks without a bound kernel (a mixer without ``bind_step``, a
-backend forced to torch, a module with a forward hook, which expects its ``forward`` to run) run through their
-modules.
+backend forced to torch, a module with a forward hook, which expects its ``forward`` to run, or a module wrapped by
+another library, such as a LoRA adapter) run through their modules.
 """
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ def hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook (global, or on one of ``modules``) expects to see these modules run. A bound step
     runs them without calling their ``forward``, so where this is true it steps aside for the module path."""
     return any(map(len, _GLOBAL_HOOKS)) or any(map(len, _hook_dicts(modules)))
+
+
+OWN_MODULES = ("hybridlm.", "torch.nn.modules.")
+
+
+def wrapped(*modules: nn.Module) -> bool:
+    """Whether a module of another library (a LoRA layer from peft, a parametrization) sits inside ``modules``:
+    it changes what their forward computes, which a bound step, reading the weights directly, would miss."""
+    return any(not type(m).__module__.startswith(OWN_MODULES) or hasattr(m, "parametrizations")
+               for module in modules for m in module.modules())
 
 
 def records_autograd(*modules: nn.Module | None) -> bool:
@@ -113,14 +123,14 @@ class FusedDecode:
     def _bind(block: nn.Module, layer_state: object) -> Callable | None:
         # The block's mixer step with its norm and residual, where the mixer has a fused step and nothing is hooked
         bind = getattr(block.mixer, "bind_step", None)
-        if bind is None or hooked(block, block.mixer, block.norm):
+        if bind is None or hooked(block, block.mixer, block.norm) or wrapped(block.mixer, block.norm):
             return None
         return bind(layer_state, block.norm)
 
     @staticmethod
     def _bind_ffn(block: nn.Module) -> Callable | None:
         # The block's feed-forward half as one call, where neither the feed-forward nor its norm is hooked
-        if block.ffn is None or hooked(block.ffn, block.ffn_norm):
+        if block.ffn is None or hooked(block.ffn, block.ffn_norm) or wrapped(block.ffn, block.ffn_norm):
             return None
         return block.ffn.bind_step(block.ffn_norm)
 
@@ -130,7 +140,7 @@ class FusedDecode:
         # dispatch would take the matrix-vector kernel for the head and neither module is hooked
         head, norm = model.lm_head, model.norm_f
         if (head.bias is not None or ops.dispatch.kernel("linear", torch.device("cpu")) is not linear_gemv
-                or hooked(norm, head)):
+                or hooked(norm, head) or wrapped(norm, head)):
             return None
         return numpy_views(norm)["weight"], norm.eps, numpy_views(head)["weight"]
 
@@ -141,7 +151,7 @@ class FusedDecode:
             return None
         mixer_class = type(self.blocks[0].mixer)
         bind_stack = getattr(mixer_class, "bind_stack", None)
-        if (bind_stack is None or hooked(model.embedding)
+        if (bind_stack is None or hooked(model.embedding) or wrapped(model.embedding)
                 or any(type(block.mixer) is not mixer_class or block.ffn is not None for block in self.blocks)):
             return None
         return bind_stack(self.blocks, self.layer_states, numpy_views(model.embedding)["weight"], *head)

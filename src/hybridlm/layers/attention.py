@@ -14,7 +14,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.config import invalid
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.norm import RMSNorm, block_arguments
 from hybridlm.layers.numpy_views import kernel_arguments
 from hybridlm.layers.rotary import Rotary
@@ -254,8 +254,7 @@ class Attention(nn.Module):
         """The attention's inputs for ``x`` (b, l, d_model) at ``positions`` (b, l; default 0 .. l-1): q (b, h, l, d),
         k and v (b, h_kv, l, d), q and k rotated (the bench measures approximations of attention on them)."""
         b, length, _ = x.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -296,8 +295,7 @@ class Attention(nn.Module):
         # x: (b, 1, d_model) -> (b, 1, d_model), the new key and value appended to the cache; reads the cache once,
         # makes no tensor shaped by the context (the fused CPU kernel is ``bind_step``'s)
         b, hd = x.shape[0], self.head_dim
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = ops.linears(x[:, 0], tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        q, k, v = project(x[:, 0], (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, self.n_heads, 1, hd)
         k = k.view(b, self.n_kv_heads, 1, hd)
         v = v.view(b, self.n_kv_heads, 1, hd)

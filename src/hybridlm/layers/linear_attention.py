@@ -33,7 +33,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.config import invalid
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.mixer import mixer_options
 from hybridlm.layers.norm import RMSNorm, block_arguments
 from hybridlm.layers.numpy_views import kernel_arguments
@@ -180,8 +180,7 @@ class LinearAttention(nn.Module):
     # ----------------------------------------------------------------------------------------------- pieces
     def _projections(self, x: torch.Tensor) -> list[torch.Tensor]:
         # x: (..., d_model) -> [q (..., h dk), k (..., h_kv dk), v (..., h_kv dv)] (+ g (..., h dv) with the gate)
-        projs = [p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None]
-        return list(ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs)))
+        return project(x, tuple(p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None))
 
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
         # x: (b, l, d_model) -> None, (b, h_kv, l) (fixed) or (b, h_kv, l, features) (gla); <= 0

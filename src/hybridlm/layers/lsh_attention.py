@@ -28,7 +28,7 @@ from torch import nn
 from hybridlm import ops
 from hybridlm.config import invalid
 from hybridlm.layers.attention import KVCache
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.mixer import mixer_options
 from hybridlm.layers.rotary import Rotary
 from hybridlm.ops.lsh_attention.hashing import hash_buckets, random_rotations
@@ -181,8 +181,7 @@ class LSHAttention(nn.Module):
     def _qk_v(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (b, l, d_model)  positions: (b, l) -> qk, v (b, h, l, head_dim) and the buckets (b, h, r, l)
         b, length, _ = x.shape
-        projs = (self.qk_proj, self.v_proj)
-        qk, v = ops.linears(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs))
+        qk, v = project(x, (self.qk_proj, self.v_proj))
         qk = qk.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, product_without_bias
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.ssm import FusedSSMStep, SSMState, dt_bias_init
 from hybridlm.ops.step.block import EMPTY
@@ -80,7 +80,7 @@ class Mamba(FusedSSMStep, nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        return ops.linear(dt, self.dt_proj.weight), B, C
+        return product_without_bias(dt, self.dt_proj), B, C
 
     def forward(self, x: torch.Tensor, state: SSMState | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:

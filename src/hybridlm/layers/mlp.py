@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, is_plain
 from hybridlm.layers.norm import RMSNorm, block_arguments
 from hybridlm.layers.numpy_views import numpy_views
 
@@ -30,6 +31,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (b, l, d_model) -> (b, l, d_model), no auxiliary loss
+        if not is_plain(self.gate_proj, self.up_proj, self.down_proj):  # wrapped (LoRA): their forwards must run
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
         return ops.gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None
 
     def bind_step(self, norm: RMSNorm) -> Callable[[np.ndarray], tuple[np.ndarray, float]] | None:

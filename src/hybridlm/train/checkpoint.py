@@ -10,14 +10,17 @@ beside its target and renamed into place, so an interruption never leaves half a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from hybridlm.atomic_files import atomic_directory
 from hybridlm.model import HybridLM
+from hybridlm.train.lora import is_adapter
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -25,7 +28,7 @@ RNG_NAME = "rng.safetensors"
 FORMAT_VERSION = 1
 
 
-def _param_names(model: HybridLM) -> dict[int, str]:
+def _param_names(model: nn.Module) -> dict[int, str]:
     # id(parameter) -> its first name (tied weights share one parameter and one name)
     names: dict[int, str] = {}
     for name, p in model.named_parameters():
@@ -33,9 +36,11 @@ def _param_names(model: HybridLM) -> dict[int, str]:
     return names
 
 
-def save_checkpoint(path: str | Path, model: HybridLM, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer: Any = None) -> None:
-    """Write the training checkpoint ``path`` atomically; ``state`` is the JSON-able trainer state."""
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    tokenizer: Any = None, files: dict[str, str] | None = None) -> None:
+    """Write the training checkpoint ``path`` atomically; ``state`` is the JSON-able trainer state, ``files`` more
+    text files to write beside it (name -> content). A model with a LoRA adapter is saved as the adapter alone,
+    in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
     names = _param_names(model)
     opt_state = optimizer.state_dict()
     groups, tensors = [], {}
@@ -50,7 +55,14 @@ def save_checkpoint(path: str | Path, model: HybridLM, optimizer: torch.optim.Op
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+        if is_adapter(model):
+            model.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+        else:
+            model.save_pretrained(tmp, tokenizer=tokenizer)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"library": "hybridlm"})
         save_file(rng, str(tmp / RNG_NAME))
         full = {"format": FORMAT_VERSION, **state, "optimizer_param_groups": groups}
@@ -71,13 +83,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: str | Path, optimizer_factory, device: torch.device
-                    ) -> tuple[HybridLM, torch.optim.Optimizer, dict[str, Any]]:
+def load_checkpoint(path: str | Path, optimizer_factory, device: torch.device,
+                    load_model: Callable[[Path], nn.Module] | None = None
+                    ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
     """Model, optimizer (built by ``optimizer_factory(model)`` then filled) and trainer state of a checkpoint;
-    the torch generator states are restored too."""
+    the torch generator states are restored too. ``load_model(path)``: how the model is read (default: a
+    ``HybridLM`` checkpoint; an adapter run gives the base model with the saved adapter)."""
     path = Path(path)
     state = read_state(path)
-    model = HybridLM.from_pretrained(path, device=device, format="hybridlm")
+    model = (HybridLM.from_pretrained(path, device=device, format="hybridlm") if load_model is None
+             else load_model(path).to(device))
     optimizer = optimizer_factory(model)
     by_name = {name: p for name, p in model.named_parameters()}
     ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}

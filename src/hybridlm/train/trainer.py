@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,11 +23,11 @@ from torch import nn
 
 from hybridlm.atomic_files import atomic_write_text
 from hybridlm.config import ModelConfig
-from hybridlm.evaluate import score
 from hybridlm.model import HybridLM
 from hybridlm.train import checkpoint as ckpt
 from hybridlm.train.config import RESUMABLE_CHANGES, TrainConfig
 from hybridlm.train.distributed import Distributed, setup
+from hybridlm.train.objective import NextTokenLoss, Objective, batch_to
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_NAME = "metrics.jsonl"
@@ -35,14 +36,14 @@ METRICS_NAME = "metrics.jsonl"
 class BatchSource(Protocol):
     vocab_size: int
 
-    def train_batch(self, step: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def train_batch(self, step: int, start: int, count: int) -> Any: ...  # what the objective takes
     def eval_batches(self, batch_size: int, n_batches: int): ...
     def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass
 class TrainResult:
-    model: HybridLM
+    model: nn.Module  # a HybridLM (with its LoRA adapter when trained with one)
     out_dir: Path
     step: int  # steps completed
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics lines of this process's run
@@ -75,10 +76,12 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], ignore: frozens
 
 
 def _check_resume(state: dict[str, Any], model_config: ModelConfig, config: TrainConfig, source: BatchSource,
-                  world_size: int, where: Path) -> None:
+                  objective: Objective, world_size: int, where: Path) -> None:
     problems = _differences(state["model_config"], model_config.to_dict(), frozenset({"name"}))
     problems += _differences(state["train_config"], config.to_dict(), RESUMABLE_CHANGES)
     problems += [f"data {d}" for d in _differences(state["data"], source.describe())]
+    saved_objective = state.get("objective", NextTokenLoss(0.0).describe())
+    problems += [f"objective {d}" for d in _differences(saved_objective, objective.describe())]
     saved_global = state["global_batch"]
     now_global = config.batch_size * config.grad_accum * world_size
     if saved_global != now_global:
@@ -120,12 +123,19 @@ class _StopRequest:
 
 def train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, out_dir: str | Path,
           resume: str | Path | None = None, progress: bool = True, tokenizer: Any = None,
-          device: str | None = None, extra_state: dict[str, Any] | None = None) -> TrainResult:
+          device: str | None = None, extra_state: dict[str, Any] | None = None,
+          objective: Objective | None = None, initial_model: nn.Module | None = None,
+          files: dict[str, str] | None = None,
+          load_model: Callable[[Path], nn.Module] | None = None) -> TrainResult:
     """Train a model of ``model_config`` on ``source`` and write checkpoints and ``metrics.jsonl`` to ``out_dir``.
 
     ``resume``: a run directory (or its ``checkpoint/``) to continue from; its model and training settings
     must match these (except the settings in ``RESUMABLE_CHANGES``). A first Ctrl-C finishes the current
     step, saves a checkpoint and raises ``KeyboardInterrupt``. Under torchrun, every process runs this.
+    ``objective``: what a step minimises (default: the next-token loss, with the MoE balance loss).
+    ``initial_model``: the weights to start from (fine-tuning; possibly with a LoRA adapter), instead of a fresh
+    initialisation from ``seed``; ``load_model``: how a resumed run reads its checkpoint's model (see
+    ``checkpoint.load_checkpoint``); ``files``: text files written into every checkpoint (a chat template).
     """
     out_dir = Path(out_dir)
     if source.vocab_size > model_config.vocab_size:
@@ -133,7 +143,9 @@ def train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, o
                          f"{model_config.vocab_size}")
     dist = setup(device)
     try:
-        result = _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist, extra_state or {})
+        objective = objective or NextTokenLoss(model_config.moe_aux_loss_coef)
+        result = _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist, extra_state or {},
+                        objective, initial_model, files or {}, load_model)
         dist.barrier()  # the main process still evaluates and saves: no process tears the group down before
         return result
     finally:
@@ -142,21 +154,23 @@ def train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, o
 
 def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, out_dir: Path,
            resume: str | Path | None, progress: bool, tokenizer: Any, dist: Distributed,
-           extra_state: dict[str, Any]) -> TrainResult:
+           extra_state: dict[str, Any], objective: Objective, initial_model: nn.Module | None,
+           files: dict[str, str], load_model: Callable[[Path], nn.Module] | None) -> TrainResult:
     ckpt_dir = out_dir / CHECKPOINT_DIR
     if resume is None:
         if (ckpt_dir / ckpt.STATE_NAME).exists():
             raise ValueError(f"out: {out_dir} already holds a training checkpoint; continue it with "
                                   f"--resume {out_dir}, or choose another output directory")
         torch.manual_seed(config.seed)
-        model = HybridLM(model_config).to(dist.device)
+        model = (HybridLM(model_config) if initial_model is None else initial_model).to(dist.device)
         optimizer = make_optimizer(model, config)
         start = 0
     else:
         where = checkpoint_path(resume)
         state = ckpt.read_state(where)
-        _check_resume(state, model_config, config, source, dist.world_size, where)
-        model, optimizer, state = ckpt.load_checkpoint(where, lambda m: make_optimizer(m, config), dist.device)
+        _check_resume(state, model_config, config, source, objective, dist.world_size, where)
+        model, optimizer, state = ckpt.load_checkpoint(where, lambda m: make_optimizer(m, config), dist.device,
+                                                       load_model)
         start = state["step"]
         if start > config.steps:
             raise ValueError(f"steps: the checkpoint in {where} is already at step {start}; give --steps >= {start}")
@@ -174,11 +188,13 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
     history: list[dict[str, Any]] = []
     bar = _progress_bar(config.steps, start, enabled=progress and dist.is_main)
     run_state = {"model_config": model_config.to_dict(), "train_config": config.to_dict(), "data": source.describe(),
-                 "global_batch": config.batch_size * config.grad_accum * dist.world_size, **extra_state}
+                 "global_batch": config.batch_size * config.grad_accum * dist.world_size,
+                 "objective": objective.describe(), **extra_state}
 
     def save(step: int) -> None:
         if dist.is_main:
-            ckpt.save_checkpoint(ckpt_dir, model, optimizer, {**run_state, "step": step}, tokenizer=tokenizer)
+            ckpt.save_checkpoint(ckpt_dir, model, optimizer, {**run_state, "step": step}, tokenizer=tokenizer,
+                                 files=files)
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
@@ -194,17 +210,16 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                 lr = config.lr_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = torch.zeros((), device=dist.device)
+                metric_sums: dict[str, torch.Tensor] = {}
                 for micro in range(config.grad_accum):
                     first = (dist.rank * config.grad_accum + micro) * config.batch_size
-                    input_ids, labels = source.train_batch(step, first, config.batch_size)
-                    input_ids, labels = input_ids.to(dist.device), labels.to(dist.device)
+                    batch = batch_to(source.train_batch(step, first, config.batch_size), dist.device)
                     sync = micro == config.grad_accum - 1 or dist.world_size == 1
                     with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-                        out = wrapped(input_ids, labels=labels)
-                        loss = out.loss + model_config.moe_aux_loss_coef * out.aux_loss
+                        loss, metrics = objective(wrapped, batch)
                     (loss / config.grad_accum).backward()
-                    loss_sum += out.loss.detach().float()
+                    for name, value in metrics.items():
+                        metric_sums[name] = metric_sums.get(name, 0.0) + value.float()
                 max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 optimizer.step()
@@ -212,19 +227,18 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                 done = step + 1
                 window_tokens += tokens_per_step
                 if done % config.log_every == 0 or done == config.steps or done == start + 1:
-                    train_loss = float(dist.mean(loss_sum / config.grad_accum))
+                    means = {name: float(dist.mean(total / config.grad_accum)) for name, total in metric_sums.items()}
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - t_window, 1e-9)
                     t_window, window_tokens = now, 0
-                    log({"step": done, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                    log({"step": done, "loss": means.pop("loss"), **means, "lr": lr, "grad_norm": grad_norm,
                          "tokens": done * tokens_per_step, "tok_per_s": round(tok_s, 1),
                          "elapsed_s": round(now - t_start, 3)})
-                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 if dist.is_main and (config.eval_every and done % config.eval_every == 0 or done == config.steps):
-                    s = score(model, source.eval_batches(config.batch_size, config.eval_batches))
-                    log({"step": done, "eval_loss": s.loss, "eval_accuracy": s.accuracy,
-                         "eval_perplexity": s.perplexity})
+                    log({"step": done, **objective.evaluate(model, source.eval_batches(config.batch_size,
+                                                                                        config.eval_batches))})
                 if config.save_every and done % config.save_every == 0 and done != config.steps:
                     save(done)
                 if stop.requested:
