@@ -147,9 +147,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hybridlm.train.launch import run_training
 
     model = _load_config(args) if (args.preset or args.config) else None
-    settings = {name: getattr(args, name) for name in (
-        "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip",
-        "seed", "eval_every", "eval_batches", "save_every", "log_every")}
+    settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}
     settings["bf16"] = True if args.bf16 else None
     try:
         result = run_training(args.out, model=model, data=args.data, task=args.task, tokenizer=args.tokenizer,
@@ -159,6 +157,73 @@ def cmd_train(args: argparse.Namespace) -> None:
     final = [r for r in result.history if "eval_loss" in r]
     summary = f"; eval loss {final[-1]['eval_loss']:.4f}" if final else ""
     print(f"trained to step {result.step}{summary}; checkpoint {result.out_dir / 'checkpoint'}", file=sys.stderr)
+
+
+TRAIN_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                  "seed", "eval_every", "eval_batches", "save_every", "log_every")
+
+
+def _post_training(args: argparse.Namespace, run) -> None:
+    from hybridlm.train.lora import LoraSettings
+
+    settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}
+    settings["bf16"] = True if args.bf16 else None
+    lora = None if args.lora is None else LoraSettings.parse(args.lora)
+    try:
+        result = run(lora=lora, settings=settings)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    evals = [r for r in result.history if any(k.startswith("eval_") for k in r)]
+    shown = {k: round(v, 4) for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    where = result.out_dir / ("merged" if args.merge else "checkpoint")
+    print(f"trained to step {result.step}; held out: {shown}; model {where}", file=sys.stderr)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from hybridlm.train.post_training import run_sft
+
+    _post_training(args, lambda **kw: run_sft(args.model, args.data, args.out, eval_data=args.eval_data,
+                                              packing=True if args.packing else None, merge=args.merge,
+                                              resume=args.resume, progress=not args.no_progress, **kw))
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from hybridlm.train.post_training import run_dpo
+
+    _post_training(args, lambda **kw: run_dpo(
+        args.model, args.data, args.out, eval_data=args.eval_data, loss=args.loss, beta=args.beta,
+        label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, reference=args.reference,
+        merge=args.merge, resume=args.resume, progress=not args.no_progress, **kw))
+
+
+def _add_train_settings(p: argparse.ArgumentParser, defaults: str) -> None:
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help=f"sequences (or pairs) per process and micro-batch ({defaults})")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 to disable (default 1.0)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between held-out measurements")
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default: at the end and on Ctrl-C)")
+    p.add_argument("--log-every", type=int, help="steps between metrics lines (default 10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_post_training(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("model", nargs="?", help="the checkpoint directory to start from (hybridlm or Hugging Face)")
+    p.add_argument("--data", help=".jsonl, .parquet or .arrow file in TRL's format")
+    p.add_argument("--eval-data", help="held-out file (default: the last 5%% of --data)")
+    p.add_argument("--out", help=f"output directory: checkpoint/, metrics.jsonl (default runs/{kind})")
+    p.add_argument("--resume", help="continue the run in this directory")
+    p.add_argument("--lora", help="train a LoRA adapter (peft): r=16,alpha=32,dropout=0,targets=a+b (default "
+                                  "targets: every block's linear layers and MoE experts)")
+    p.add_argument("--merge", action="store_true", help="with --lora, also write OUT/merged/, the adapter folded "
+                                                        "into the model in hybridlm's format")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -395,22 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory: checkpoint/, metrics.jsonl, tokens/ (default: the resumed "
                                  "run's, else runs/train)")
     p.add_argument("--resume", help="continue the run in this directory (its settings unless given again)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="sequences per process and micro-batch (default 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 to disable (default 1.0)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between eval-loss measurements (default 200)")
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default: at the end and on Ctrl-C)")
-    p.add_argument("--log-every", type=int, help="steps between metrics lines (default 10)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_settings(p, "default 16; defaults: 1000 steps, lr 1e-3, seq-len 256, eval every 200 steps")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat or prompt/completion data (loss on completions)")
+    _add_post_training(p, "sft")
+    p.add_argument("--packing", action="store_true", help="join examples into full rows instead of padding each")
+    _add_train_settings(p, "default 8; defaults: 200 steps, lr 1e-4, seq-len 512")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("dpo", help="preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO) on chosen/rejected "
+                                   "pairs")
+    _add_post_training(p, "dpo")
+    p.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo, hinge, robust, simpo or orpo")
+    p.add_argument("--beta", type=float, default=0.1, help="the loss's beta (default 0.1)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="robust: the assumed share of flipped labels")
+    p.add_argument("--simpo-gamma", type=float, default=0.5, help="simpo: the target reward margin")
+    p.add_argument("--reference", help="frozen (a copy of MODEL; the default), precomputed (its log-probs, computed "
+                                       "once: one model in memory) or adapter (with --lora; its default)")
+    _add_train_settings(p, "default 8; defaults: 200 steps, lr 1e-5, seq-len 512")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("eval", help="task accuracy at several lengths, or perplexity on text, of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory, or a `hybridlm train` output directory")

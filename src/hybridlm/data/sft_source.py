@@ -47,8 +47,9 @@ class SFTSource:
         ids, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         return [(ids[s : s + self.seq_len], labels[s : s + self.seq_len]) for s in range(0, len(ids), self.seq_len)]
 
-    def _batch(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> input_ids, labels: (len(rows), longest row)
+    def batch(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (ids, labels) right-padded into one batch.
+        -> input_ids, labels: (len(rows), longest row)"""
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -60,13 +61,13 @@ class SFTSource:
         """Samples ``start .. start+count-1`` of step ``step``, drawn with replacement."""
         rng = np.random.default_rng([self.seed, TRAIN, step])
         picks = rng.integers(0, len(self.train_rows), size=start + count)[start:]
-        return self._batch([self.train_rows[i] for i in picks])
+        return self.batch([self.train_rows[i] for i in picks])
 
     def eval_batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out rows in order, up to ``n_batches`` batches (0: all of them)."""
         n = len(self.eval_rows) if n_batches == 0 else min(len(self.eval_rows), batch_size * n_batches)
         for i in range(0, n, batch_size):
-            yield self._batch(self.eval_rows[i : i + batch_size])
+            yield self.batch(self.eval_rows[i : i + batch_size])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "sft", "seq_len": self.seq_len, "seed": self.seed, **self.info}
