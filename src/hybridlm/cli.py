@@ -472,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO) on chosen/rejected "
                                    "pairs")
     _add_post_training(p, "dpo")
-    p.add_argument("--loss", default="sigmoid", help="sigmoid (DPO), ipo, hinge, robust, simpo or orpo")
-    p.add_argument("--beta", type=float, default=0.1, help="the loss's beta (default 0.1)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="robust: the assumed share of flipped labels")
-    p.add_argument("--simpo-gamma", type=float, default=0.5, help="simpo: the target reward margin")
+    p.add_argument("--loss", help="sigmoid (DPO; the default), ipo, hinge, robust, simpo or orpo")
+    p.add_argument("--beta", type=float, help="the loss's beta (default 0.1)")
+    p.add_argument("--label-smoothing", type=float, help="robust: the assumed share of flipped labels (default 0)")
+    p.add_argument("--simpo-gamma", type=float, help="simpo: the target reward margin (default 0.5)")
     p.add_argument("--reference", help="frozen (a copy of MODEL; the default), precomputed (its log-probs, computed "
                                        "once: one model in memory) or adapter (with --lora; its default)")
     _add_train_settings(p, "default 8; defaults: 200 steps, lr 1e-5, seq-len 512")
