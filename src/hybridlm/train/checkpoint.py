@@ -66,11 +66,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer: Any = None, files: dict[str, str] | None = None) -> None:
-    """Write the training checkpoint ``path`` atomically; ``state`` is the JSON-able trainer state, ``files`` more
-    text files to write beside it (name -> content). A model with a LoRA adapter is saved as the adapter alone,
-    in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The optimizer's parameter groups (parameters by name) and state tensors (keyed ``name/field``, on CPU)."""
     names = _param_names(model)
     opt_state = optimizer.state_dict()
     groups, tensors = [], {}
@@ -81,6 +79,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     for index, per_param in opt_state["state"].items():
         for key, value in per_param.items():
             tensors[f"{names[id(order[index])]}/{key}"] = value.detach().contiguous().cpu()
+    return groups, tensors
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any], tokenizer: Any = None, files: dict[str, str] | None = None,
+                    optimizer_state: tuple[list[dict[str, Any]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Write the training checkpoint ``path`` atomically; ``state`` is the JSON-able trainer state, ``files`` more
+    text files to write beside it (name -> content). A model with a LoRA adapter is saved as the adapter alone,
+    in peft's format (``adapter_config.json``, ``adapter_model.safetensors``). ``optimizer_state``: the
+    optimizer's groups and tensors already gathered (FSDP), instead of reading ``optimizer``."""
+    groups, tensors = optimizer_state if optimizer_state is not None else named_optimizer_state(model, optimizer)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -133,9 +142,10 @@ def load_checkpoint(path: str | Path, optimizer_factory, device: torch.device,
     model = (HybridLM.from_pretrained(path, device=device, format="hybridlm") if load_model is None
              else load_model(path).to(device))
     optimizer = optimizer_factory(model)
+    restore_rng(path)
     by_name = {name: p for name, p in model.named_parameters()}
     ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    tensors = load_file(str(path / OPTIMIZER_NAME), device=str(device))
+    tensors = read_optimizer_tensors(path, device)
     saved_groups = state["optimizer_param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"resume: {path} has {len(saved_groups)} optimizer parameter groups, expected "
@@ -152,10 +162,19 @@ def load_checkpoint(path: str | Path, optimizer_factory, device: torch.device,
         name, _, field = key.rpartition("/")
         per_param.setdefault(ids[id(by_name[name])], {})[field] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-    rng = load_file(str(path / RNG_NAME))
+    return model, optimizer, state
+
+
+def read_optimizer_tensors(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The optimizer state tensors of a checkpoint (keyed ``name/field``)."""
+    return load_file(str(Path(path) / OPTIMIZER_NAME), device=str(device))
+
+
+def restore_rng(path: str | Path) -> None:
+    """Set the torch generator states saved in a checkpoint."""
+    rng = load_file(str(Path(path) / RNG_NAME))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    return model, optimizer, state
