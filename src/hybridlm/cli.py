@@ -149,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = _load_config(args) if (args.preset or args.config) else None
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}
     settings["bf16"] = True if args.bf16 else None
+    settings["fsdp"] = True if args.fsdp else None
     try:
         result = run_training(args.out, model=model, data=args.data, task=args.task, tokenizer=args.tokenizer,
                               resume=args.resume, settings=settings, progress=not args.no_progress)
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "run's, else runs/train)")
     p.add_argument("--resume", help="continue the run in this directory (its settings unless given again)")
     _add_train_settings(p, "default 16; defaults: 1000 steps, lr 1e-3, seq-len 256, eval every 200 steps")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                                                       "state across processes (FSDP2) instead of DDP, for models "
+                                                       "that do not fit one device")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat or prompt/completion data (loss on completions)")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # Settings a resumed run may change without changing what it computes (logging and saving cadence) or that
-# extend it (steps: note that the cosine schedule follows the new total).
-RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "eval_batches", "log_every", "save_every"})
+# extend it (steps: note that the cosine schedule follows the new total); fsdp: how the work is spread over
+# processes (checkpoints are consolidated either way), not what is computed.
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "eval_batches", "log_every", "save_every", "fsdp"})
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0: at the end (and on Ctrl-C) only
     log_every: int = 10
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):

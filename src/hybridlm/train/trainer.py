@@ -25,6 +25,7 @@ from hybridlm.atomic_files import atomic_write_text
 from hybridlm.config import ModelConfig
 from hybridlm.model import HybridLM
 from hybridlm.train import checkpoint as ckpt
+from hybridlm.train import fsdp
 from hybridlm.train.config import RESUMABLE_CHANGES, TrainConfig
 from hybridlm.train.distributed import Distributed, setup
 from hybridlm.train.objective import NextTokenLoss, Objective, batch_to
@@ -142,10 +143,12 @@ def train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, o
         raise ValueError(f"data: token ids reach {source.vocab_size - 1}, beyond the model's vocab_size "
                          f"{model_config.vocab_size}")
     dist = setup(device)
+    kernels = fsdp.torch_kernels() if config.fsdp and dist.world_size > 1 else contextlib.nullcontext()
     try:
         objective = objective or NextTokenLoss(model_config.moe_aux_loss_coef)
-        result = _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist, extra_state or {},
-                        objective, initial_model, files or {}, load_model)
+        with kernels:
+            result = _train(model_config, config, source, out_dir, resume, progress, tokenizer, dist,
+                            extra_state or {}, objective, initial_model, files or {}, load_model)
         dist.barrier()  # the main process still evaluates and saves: no process tears the group down before
         return result
     finally:
@@ -157,20 +160,33 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
            extra_state: dict[str, Any], objective: Objective, initial_model: nn.Module | None,
            files: dict[str, str], load_model: Callable[[Path], nn.Module] | None) -> TrainResult:
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    sharded = config.fsdp and dist.world_size > 1  # one process has nothing to shard across
+    if sharded and (initial_model is not None or load_model is not None):
+        raise ValueError("fsdp: sharding covers pre-training a HybridLM; fine-tuning (a given initial model or a "
+                         "LoRA adapter) runs with DDP")
     if resume is None:
         if (ckpt_dir / ckpt.STATE_NAME).exists():
             raise ValueError(f"out: {out_dir} already holds a training checkpoint; continue it with "
                                   f"--resume {out_dir}, or choose another output directory")
         torch.manual_seed(config.seed)
         model = (HybridLM(model_config) if initial_model is None else initial_model).to(dist.device)
+        if sharded:
+            fsdp.shard(model)  # every process built the same weights from the seed; each keeps its shard
         optimizer = make_optimizer(model, config)
         start = 0
     else:
         where = checkpoint_path(resume)
         state = ckpt.read_state(where)
         _check_resume(state, model_config, config, source, objective, dist.world_size, where)
-        model, optimizer, state = ckpt.load_checkpoint(where, lambda m: make_optimizer(m, config), dist.device,
-                                                       load_model)
+        if sharded:
+            ckpt.verify_checksums(where, state)
+            model = fsdp.shard(HybridLM.from_pretrained(where, device=dist.device, format="hybridlm"))
+            optimizer = make_optimizer(model, config)
+            fsdp.load_optimizer(model, optimizer, state["optimizer_param_groups"], ckpt.read_optimizer_tensors(where))
+            ckpt.restore_rng(where)
+        else:
+            model, optimizer, state = ckpt.load_checkpoint(where, lambda m: make_optimizer(m, config), dist.device,
+                                                           load_model)
         start = state["step"]
         if start > config.steps:
             raise ValueError(f"steps: the checkpoint in {where} is already at step {start}; give --steps >= {start}")
@@ -179,7 +195,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
         _trim_metrics(out_dir / METRICS_NAME, start)
 
     wrapped: nn.Module = model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not sharded:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     model.train()
@@ -192,7 +208,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                  "objective": objective.describe(), **extra_state}
 
     def save(step: int) -> None:
-        if dist.is_main:
+        if sharded:  # every process takes part in gathering the full state; the main one writes it
+            plain, groups, tensors = fsdp.gather(model, optimizer)
+            if dist.is_main:
+                ckpt.save_checkpoint(ckpt_dir, plain, None, {**run_state, "step": step}, tokenizer=tokenizer,
+                                     files=files, optimizer_state=(groups, tensors))
+        elif dist.is_main:
             ckpt.save_checkpoint(ckpt_dir, model, optimizer, {**run_state, "step": step}, tokenizer=tokenizer,
                                  files=files)
 
@@ -215,13 +236,15 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                     first = (dist.rank * config.grad_accum + micro) * config.batch_size
                     batch = batch_to(source.train_batch(step, first, config.batch_size), dist.device)
                     sync = micro == config.grad_accum - 1 or dist.world_size == 1
-                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+                    if sharded:
+                        model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last only
+                    with (contextlib.nullcontext() if sync or sharded else wrapped.no_sync()), autocast:
                         loss, metrics = objective(wrapped, batch)
                     (loss / config.grad_accum).backward()
                     for name, value in metrics.items():
                         metric_sums[name] = metric_sums.get(name, 0.0) + value.float()
                 max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                grad_norm = fsdp.norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
@@ -236,9 +259,11 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                          "elapsed_s": round(now - t_start, 3)})
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
-                if dist.is_main and (config.eval_every and done % config.eval_every == 0 or done == config.steps):
-                    log({"step": done, **objective.evaluate(model, source.eval_batches(config.batch_size,
-                                                                                        config.eval_batches))})
+                # under FSDP every process runs the model's forward (its all-gathers), so every process evaluates
+                evaluate = config.eval_every and done % config.eval_every == 0 or done == config.steps
+                if (dist.is_main or sharded) and evaluate:
+                    batches = source.eval_batches(config.batch_size, config.eval_batches)
+                    log({"step": done, **objective.evaluate(model, batches)})
                 if config.save_every and done % config.save_every == 0 and done != config.steps:
                     save(done)
                 if stop.requested:

@@ -1,0 +1,56 @@
+"""FSDP2 under torchrun: two gloo processes sharding parameters, gradients and optimizer state compute the same
+losses as one process with the whole batch, resume under FSDP, and write a consolidated checkpoint that a plain
+``HybridLM.from_pretrained`` reads."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybridlm import HybridLM
+
+TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+SRC = Path(__file__).resolve().parents[1] / "src"
+# Warm-up 1: the learning rate of steps 0 and 1 does not depend on the total steps, so a run of 2 steps resumed
+# to 4 follows the schedule of a run of 4.
+ARGS = ["--preset", "llama-tiny", "--data", str(TEXT), "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "1",
+        "--log-every", "1", "--eval-every", "0", "--no-progress"]
+
+
+def _cli(args, nproc=1):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                 "-m", "hybridlm.cli"] if nproc > 1 else [sys.executable, "-m", "hybridlm.cli"])
+    # the processes import this checkout's hybridlm, whatever is installed
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run([*launcher, "train", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-4000:]}"
+                                  f"\nstderr:\n{done.stderr[-8000:]}")
+
+
+def _losses(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    _cli([*ARGS, "--steps", "2", "--batch-size", "4", "--fsdp", "--out", str(fsdp)], nproc=2)
+    state = json.loads((fsdp / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["train_config"]["fsdp"] is True
+    _cli(["--resume", str(fsdp), "--steps", "4", "--no-progress"], nproc=2)  # resumes under FSDP (its setting)
+    _cli([*ARGS, "--steps", "4", "--batch-size", "8", "--out", str(one)])
+    fsdp_losses, one_losses = _losses(fsdp), _losses(one)
+    assert len(fsdp_losses) == 4
+    # measured: max difference 9.5e-7 in the losses, 9.7e-8 in the weights (reduce-scatter vs one sum)
+    np.testing.assert_allclose(fsdp_losses, one_losses, rtol=1e-5)
+    sharded = HybridLM.from_pretrained(fsdp / "checkpoint")  # consolidated: a plain load, no process group
+    plain = HybridLM.from_pretrained(one / "checkpoint")
+    assert sharded.lm_head.weight is sharded.embedding.weight or not sharded.config.tie_embeddings
+    for a, b in zip(sharded.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # as the DDP test: Adam amplifies sum-order noise
