@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"audit log: {audit.path}", file=sys.stderr)
         if audit.torn is not None:
             print(f"audit log: its last line was cut by a crash; set aside in {audit.torn}", file=sys.stderr)
-        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+                        head_timeout=args.head_timeout, body_timeout=args.body_timeout)
         app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue,
                          allowed_hosts=args.allowed_host)
     except BaseException:
@@ -446,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (default 2048)")
     p.add_argument("--max-body-bytes", type=int, default=1_048_576,
                    help="a request body larger is refused with 413 (default 1 MiB)")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds for a request's headers to arrive before the connection is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive after its headers, else a 408 (default 30)")
     p.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of preset models")
     p.set_defaults(func=cmd_serve)

@@ -22,11 +22,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hybridlm.chat_template import ChatTemplate
 from hybridlm.model import HybridLM
 from hybridlm.serve.audit import AuditLog, query, utc_now
 from hybridlm.serve.auth import AuthConfig, Authenticator, Principal
+from hybridlm.serve.http import uvicorn_config
 from hybridlm.serve.metrics import Metrics
 from hybridlm.serve.protocol import (
     ApiError,
@@ -95,19 +97,32 @@ def host_name(header: str | None) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
     """The request's body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (its Content-Length,
-    or the bytes received so far): a 20 MB body is never read whole."""
+    or the bytes received so far): a 20 MB body is never read whole. A body not whole within ``timeout`` seconds
+    is a 408 (uvicorn has no body-read timeout of its own): a client sending half a body holds no handler for long."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body: {int(declared):,} bytes, more than this server's limit of {limit:,}",
                        code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body: more than this server's limit of {limit:,} bytes", code="body_too_large")
-        chunks.append(chunk)
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body: more than this server's limit of {limit:,} bytes", code="body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        # Connection: close, since the rest of that body would otherwise be read as the next request
+        raise ApiError(408, f"body: not received within {timeout:g} s ({size:,} bytes came)", code="body_timeout",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(CLIENT_CLOSED, "client closed the connection before its body was whole") from None
     return b"".join(chunks)
 
 
@@ -152,6 +167,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.schedulers, app.state.metrics, app.state.audit_log = schedulers, metrics, audit_log
+    app.state.limits = limits
 
     # ------------------------------------------------------------------------------ request wrapper
     def finish(record: dict[str, Any], status: int, started: float) -> None:
@@ -200,7 +216,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     async def generate(request: Request, principal: Principal, record: dict[str, Any], started: float,
                        chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        body = parse_json_body(await read_body(request, limits.max_body_bytes))
+        body = parse_json_body(await read_body(request, limits.max_body_bytes, limits.body_timeout))
         check_fields(body, endpoint)
         s = model_for(principal, endpoint, body.get("model"))
         record["model"] = s.name
@@ -446,6 +462,11 @@ def bind(host: str, port: int, authenticated: bool) -> socket.socket:
     return sock
 
 
+def _head_timeout(app: FastAPI) -> float:
+    limits = getattr(app.state, "limits", None)  # an app not made by create_app: the default
+    return limits.head_timeout if limits is not None else Limits().head_timeout
+
+
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, authenticated: bool = False,
         log_level: str = "info", sock: socket.socket | None = None) -> None:
     """Serve ``app`` until interrupted (prints the URL once bound); ``sock``: one already made by ``bind``."""
@@ -455,7 +476,7 @@ def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, authenticated: 
     bound = sock.getsockname()
     url_host = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
     print(f"hybridlm serve: http://{url_host}:{bound[1]}/v1", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, _head_timeout(app), log_level=log_level)).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -469,7 +490,8 @@ class BackgroundServer:
         self.sock = bind(host, 0, authenticated=False)
         port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn_config(app, _head_timeout(app), log_level="warning",
+                                                    graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:
