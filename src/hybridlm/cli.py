@@ -89,11 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 raise ValueError(f"MODEL {spec}: a second model named {served.name!r}; name one NAME=MODEL")
             models[served.name] = served
         audit_config = auth.audit if auth else {}
-        audit = AuditLog(args.audit_log or audit_config.get("path", "hybridlm-audit.jsonl"),
-                         max_bytes=int(audit_config.get("max_bytes", 10_000_000)),
-                         backups=int(audit_config.get("backups", 5)),
-                         max_field_bytes=int(audit_config.get("max_field_bytes", 16_384)),
-                         keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
+        audit = AuditLog.from_config(audit_config, args.audit_log, where=f"{args.auth}: [audit]")
         print(f"audit log: {audit.path}", file=sys.stderr)
         if audit.torn is not None:
             print(f"audit log: its last line was cut by a crash; set aside in {audit.torn}", file=sys.stderr)

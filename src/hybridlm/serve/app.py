@@ -162,6 +162,8 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         finally:
             for s in schedulers.values():
                 s.close()
+            if audit_log is not None:
+                audit_log.close()
 
     # redirect_slashes off: "/v1/audit/" is an audited 404, not an unaudited 307 to the real path
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,

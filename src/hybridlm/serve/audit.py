@@ -41,7 +41,8 @@ class AuditLog:
     """Appends records to ``path`` (thread-safe), rotating by size."""
 
     def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5,
-                 max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400) -> None:
+                 max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400,
+                 fsync_seconds: float | None = 1.0) -> None:
         if max_bytes < 1024:
             raise ValueError(f"audit max_bytes: expected at least 1024, got {max_bytes!r}")
         if backups < 0:
@@ -50,11 +51,40 @@ class AuditLog:
             raise ValueError(f"audit max_field_bytes: expected at least 64, got {max_field_bytes!r}")
         if keep_seconds < 0:
             raise ValueError(f"audit keep_seconds: expected a number >= 0, got {keep_seconds!r}")
+        if fsync_seconds is not None and not 0 <= fsync_seconds < float("inf"):
+            raise ValueError(f"audit fsync_seconds: expected a number >= 0 (0: every record) or none, got "
+                             f"{fsync_seconds!r}")
+        self.fsync_seconds = fsync_seconds
+        self._sync_timer: threading.Timer | None = None
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
         self.max_field_bytes, self.keep_seconds = max_field_bytes, keep_seconds
         self.torn = self._set_aside_torn_line()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], path: str | Path | None = None,
+                    where: str = "[audit]") -> AuditLog:
+        """The log an auth file's ``[audit]`` table describes (``path`` overrides its path); an unknown or
+        ill-typed key is an error naming it. ``fsync_seconds = "never"`` leaves syncing to the kernel."""
+        known = {"path", "max_bytes", "backups", "max_field_bytes", "keep_seconds", "fsync_seconds"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, kind in (("max_bytes", int), ("backups", int), ("max_field_bytes", int), ("keep_seconds", float),
+                          ("fsync_seconds", float)):
+            if key not in config:
+                continue
+            value = config[key]
+            if key == "fsync_seconds" and value == "never":
+                kwargs[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ValueError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got "
+                                 f"{value!r}")
+            kwargs[key] = kind(value)
+        return cls(path or config.get("path", "hybridlm-audit.jsonl"), **kwargs)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, **{k: self._bounded(record[k]) for k in ("prompt", "output") if k in record}}
@@ -70,8 +100,35 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)
+                if self.fsync_seconds == 0:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            if self.fsync_seconds and self._sync_timer is None:
+                self._sync_timer = threading.Timer(self.fsync_seconds, self.sync)
+                self._sync_timer.daemon = True
+                self._sync_timer.start()
+
+    def sync(self) -> None:
+        """fsync the current file now (the timer's job; also at close and before a rotation)."""
+        with self._lock:
+            self._sync_locked()
+
+    def close(self) -> None:
+        """Make everything written durable; the log may still be written to afterwards."""
+        self.sync()
+
+    def _sync_locked(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self.fsync_seconds is None or not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _set_aside_torn_line(self) -> Path | None:
         """A crash mid-write leaves a last line without its newline; appending to it would glue the next record on
@@ -109,6 +166,7 @@ class AuditLog:
     def _rotate(self) -> None:
         # Shift every rotated file up by one (FILE.n -> FILE.n+1, ..., FILE -> FILE.1), then delete those past
         # `backups` that are older than keep_seconds; younger ones stay, however many there are.
+        self._sync_locked()  # what is renamed away is durable first
         numbered = sorted((p for p in self.path.parent.glob(f"{self.path.name}.*") if p.suffix[1:].isdigit()),
                           key=lambda p: -int(p.suffix[1:]))
         for older in numbered:
