@@ -22,6 +22,7 @@ A caller decides what a prompt holds, so no caller may decide what the log loses
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from hybridlm.serve.redaction import Redaction
 
 
 def utc_now() -> str:
@@ -42,7 +45,8 @@ class AuditLog:
 
     def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5,
                  max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400,
-                 fsync_seconds: float | None = 1.0) -> None:
+                 fsync_seconds: float | None = 1.0, redaction: Redaction | None = None,
+                 retention_days: float | None = None) -> None:
         if max_bytes < 1024:
             raise ValueError(f"audit max_bytes: expected at least 1024, got {max_bytes!r}")
         if backups < 0:
@@ -54,26 +58,32 @@ class AuditLog:
         if fsync_seconds is not None and not 0 <= fsync_seconds < float("inf"):
             raise ValueError(f"audit fsync_seconds: expected a number >= 0 (0: every record) or none, got "
                              f"{fsync_seconds!r}")
-        self.fsync_seconds = fsync_seconds
+        if retention_days is not None and not 0 < retention_days < float("inf"):
+            raise ValueError(f"audit retention_days: expected a number of days > 0, got {retention_days!r}")
+        self.fsync_seconds, self.redaction, self.retention_days = fsync_seconds, redaction, retention_days
         self._sync_timer: threading.Timer | None = None
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
         self.max_field_bytes, self.keep_seconds = max_field_bytes, keep_seconds
         self.torn = self._set_aside_torn_line()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._expire(current=True)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], path: str | Path | None = None,
                     where: str = "[audit]") -> AuditLog:
         """The log an auth file's ``[audit]`` table describes (``path`` overrides its path); an unknown or
         ill-typed key is an error naming it. ``fsync_seconds = "never"`` leaves syncing to the kernel."""
-        known = {"path", "max_bytes", "backups", "max_field_bytes", "keep_seconds", "fsync_seconds"}
+        known = {"path", "max_bytes", "backups", "max_field_bytes", "keep_seconds", "fsync_seconds", "redact",
+                 "retention_days"}
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
         kwargs: dict[str, Any] = {}
+        if "redact" in config:
+            kwargs["redaction"] = Redaction.from_config(config["redact"], f"{where}.redact")
         for key, kind in (("max_bytes", int), ("backups", int), ("max_field_bytes", int), ("keep_seconds", float),
-                          ("fsync_seconds", float)):
+                          ("fsync_seconds", float), ("retention_days", float)):
             if key not in config:
                 continue
             value = config[key]
@@ -87,6 +97,10 @@ class AuditLog:
         return cls(path or config.get("path", "hybridlm-audit.jsonl"), **kwargs)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.redaction is not None and self.redaction.active:  # before anything is serialised
+            record = {**record, **{k: self.redaction.apply(record[k]) for k in ("prompt", "output") if k in record}}
+            if isinstance(record.get("error"), str):
+                record["error"] = self.redaction.error(record["error"])
         record = {**record, **{k: self._bounded(record[k]) for k in ("prompt", "output") if k in record}}
         try:
             line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
@@ -176,6 +190,21 @@ class AuditLog:
         for old in self.path.parent.glob(f"{self.path.name}.*"):
             if old.suffix[1:].isdigit() and int(old.suffix[1:]) > self.backups and old.stat().st_mtime < cutoff:
                 old.unlink(missing_ok=True)
+        self._expire(current=False)
+
+    def _expire(self, current: bool) -> None:
+        # retention_days: rotated and torn files older than it go, whatever backups and keep_seconds say
+        if self.retention_days is None:
+            return
+        cutoff = time.time() - self.retention_days * 86_400
+        old = [p for p in self.path.parent.glob(f"{self.path.name}.*")
+               if p.suffix[1:].isdigit() or ".torn-" in p.name]
+        if current and self.path.exists():
+            old.append(self.path)
+        for p in old:
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
 
 
 def log_files(path: str | Path) -> list[Path]:
