@@ -1,8 +1,8 @@
 """The HTTP server: OpenAI-compatible endpoints over the schedulers, with auth, audit log and metrics.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or server-sent
-events with ``"stream": true``), ``GET /v1/audit``, ``GET /metrics``, ``GET /health``. Every request except
-``/health`` is authenticated, authorised and written to the audit log, refused ones included.
+events with ``"stream": true``), ``GET /v1/audit``, ``GET /v1/openapi.json``, ``GET /metrics``, ``GET /health``.
+Every request except ``/health`` is authenticated, authorised and written to the audit log, refused ones included.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from hybridlm.serve.protocol import (
     usage,
 )
 from hybridlm.serve.scheduler import GenerationRequest, QueueFull, Scheduler
+from hybridlm.serve.schema import ChatCompletionRequest, CompletionRequest, request_body, served_schema
 from hybridlm.tokenizer import ByteTokenizer
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the response"
@@ -329,12 +330,12 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         finally:
             close_record(status, error)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await handle(request, "completions",
                             lambda req, p, rec, t: generate(req, p, rec, t, chat=False))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat", lambda req, p, rec, t: generate(req, p, rec, t, chat=True))
 
@@ -384,6 +385,15 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
                 raise ApiError(400, str(e)) from None
             return JSONResponse({"object": "list", "data": records})
         return await handle(request, "audit", work)
+
+    @app.get("/v1/openapi.json")
+    async def openapi(request: Request) -> Response:
+        # Behind a credential and audited (FastAPI's own /openapi.json is off): the schema is not secret, but an
+        # endpoint map is reconnaissance, and a role may be given "openapi" for client generators.
+        async def work(req, principal: Principal, record, t) -> Response:
+            principal.require("openapi")
+            return JSONResponse(served_schema(app.openapi(), sorted(served)))
+        return await handle(request, "openapi", work)
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
