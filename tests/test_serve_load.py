@@ -1,4 +1,5 @@
-"""Load: 32 concurrent streaming clients, batched vs one-at-a-time throughput, state bytes per active stream."""
+"""Load: 32 concurrent streaming clients, batched vs one-at-a-time throughput, state bytes per active stream, and a
+flood of 200 requests on a small queue (429 with Retry-After, recovery, one audit record a request)."""
 
 import asyncio
 import contextlib
@@ -138,3 +139,43 @@ def test_state_bytes_per_active_stream_mamba_constant_transformer_grows():
         assert n * kv_per_token <= per_stream[("llama", n)] <= (n + 2 * MAX_TOKENS) * (kv_per_token + 1)
     assert per_stream[("llama", long)] - per_stream[("llama", short)] >= (long - short) * kv_per_token
     assert per_stream[("llama", long)] > 100 * per_stream[("mamba", long)]
+
+
+def test_200_concurrent_requests_on_a_small_queue_get_429_with_retry_after_and_each_is_audited_once(tmp_path):
+    from hybridlm.serve import AuditLog
+    from hybridlm.serve.audit import query
+
+    path = tmp_path / "audit.jsonl"
+    app = create_app({"m": tiny_model("llama-tiny")}, audit_log=AuditLog(path),
+                     limits=Limits(max_context=128, max_tokens=8), max_batch=2, max_queue=4)
+    n = 200
+
+    async def flood(url: str) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json={
+                "model": "m", "prompt": f"request {i}", "max_tokens": 8}) for i in range(n)))
+
+    with BackgroundServer(app) as server:
+        start = time.perf_counter()
+        responses = asyncio.run(flood(server.url))
+        elapsed = time.perf_counter() - start
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429}, sorted(set(statuses))
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and statuses.count(200) >= 6  # the batch and the queue were served
+        for r in refused:
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "queue_full"
+        # recovered: a normal request afterwards is served
+        after = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "after", "max_tokens": 4},
+                           timeout=60)
+        assert after.status_code == 200 and httpx.get(server.url + "/health").status_code == 200
+    records = query(path)
+    by_prompt = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt"], []).append(r["status"])
+    assert sorted(by_prompt) == sorted([f"request {i}" for i in range(n)] + ["after"])
+    assert all(len(s) == 1 for s in by_prompt.values())  # one record a request, refused ones included
+    assert sorted(s for p, [s] in by_prompt.items() if p != "after") == sorted(statuses)
+    print(f"\n{n} concurrent requests, max_batch 2, max_queue 4: {statuses.count(200)} served, {len(refused)} "
+          f"refused with 429 in {elapsed:.1f} s")

@@ -89,15 +89,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 raise ValueError(f"MODEL {spec}: a second model named {served.name!r}; name one NAME=MODEL")
             models[served.name] = served
         audit_config = auth.audit if auth else {}
-        audit = AuditLog(args.audit_log or audit_config.get("path", "hybridlm-audit.jsonl"),
-                         max_bytes=int(audit_config.get("max_bytes", 10_000_000)),
-                         backups=int(audit_config.get("backups", 5)),
-                         max_field_bytes=int(audit_config.get("max_field_bytes", 16_384)),
-                         keep_seconds=float(audit_config.get("keep_seconds", 7 * 86_400)))
+        audit = AuditLog.from_config(audit_config, args.audit_log, where=f"{args.auth}: [audit]")
         print(f"audit log: {audit.path}", file=sys.stderr)
         if audit.torn is not None:
             print(f"audit log: its last line was cut by a crash; set aside in {audit.torn}", file=sys.stderr)
-        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+        limits = Limits(max_context=args.max_context, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+                        head_timeout=args.head_timeout, body_timeout=args.body_timeout)
         app = create_app(models, auth, audit, limits, max_batch=args.max_batch, max_queue=args.max_queue,
                          allowed_hosts=args.allowed_host)
     except BaseException:
@@ -447,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens (default 2048)")
     p.add_argument("--max-body-bytes", type=int, default=1_048_576,
                    help="a request body larger is refused with 413 (default 1 MiB)")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds for a request's headers to arrive before the connection is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive after its headers, else a 408 (default 30)")
     p.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of preset models")
     p.set_defaults(func=cmd_serve)

@@ -1,8 +1,8 @@
 """The HTTP server: OpenAI-compatible endpoints over the schedulers, with auth, audit log and metrics.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or server-sent
-events with ``"stream": true``), ``GET /v1/audit``, ``GET /metrics``, ``GET /health``. Every request except
-``/health`` is authenticated, authorised and written to the audit log, refused ones included.
+events with ``"stream": true``), ``GET /v1/audit``, ``GET /v1/openapi.json``, ``GET /metrics``, ``GET /health``.
+Every request except ``/health`` is authenticated, authorised and written to the audit log, refused ones included.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hybridlm.chat_template import ChatTemplate
 from hybridlm.model import HybridLM
 from hybridlm.serve.audit import AuditLog, query, utc_now
 from hybridlm.serve.auth import AuthConfig, Authenticator, Principal
+from hybridlm.serve.http import uvicorn_config
 from hybridlm.serve.metrics import Metrics
 from hybridlm.serve.protocol import (
     ApiError,
@@ -42,6 +44,7 @@ from hybridlm.serve.protocol import (
     usage,
 )
 from hybridlm.serve.scheduler import GenerationRequest, QueueFull, Scheduler
+from hybridlm.serve.schema import ChatCompletionRequest, CompletionRequest, request_body, served_schema
 from hybridlm.tokenizer import ByteTokenizer
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the response"
@@ -95,19 +98,32 @@ def host_name(header: str | None) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
     """The request's body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (its Content-Length,
-    or the bytes received so far): a 20 MB body is never read whole."""
+    or the bytes received so far): a 20 MB body is never read whole. A body not whole within ``timeout`` seconds
+    is a 408 (uvicorn has no body-read timeout of its own): a client sending half a body holds no handler for long."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body: {int(declared):,} bytes, more than this server's limit of {limit:,}",
                        code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body: more than this server's limit of {limit:,} bytes", code="body_too_large")
-        chunks.append(chunk)
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body: more than this server's limit of {limit:,} bytes", code="body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        # Connection: close, since the rest of that body would otherwise be read as the next request
+        raise ApiError(408, f"body: not received within {timeout:g} s ({size:,} bytes came)", code="body_timeout",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(CLIENT_CLOSED, "client closed the connection before its body was whole") from None
     return b"".join(chunks)
 
 
@@ -147,11 +163,14 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         finally:
             for s in schedulers.values():
                 s.close()
+            if audit_log is not None:
+                audit_log.close()
 
     # redirect_slashes off: "/v1/audit/" is an audited 404, not an unaudited 307 to the real path
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.schedulers, app.state.metrics, app.state.audit_log = schedulers, metrics, audit_log
+    app.state.limits = limits
 
     # ------------------------------------------------------------------------------ request wrapper
     def finish(record: dict[str, Any], status: int, started: float) -> None:
@@ -200,7 +219,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     async def generate(request: Request, principal: Principal, record: dict[str, Any], started: float,
                        chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        body = parse_json_body(await read_body(request, limits.max_body_bytes))
+        body = parse_json_body(await read_body(request, limits.max_body_bytes, limits.body_timeout))
         check_fields(body, endpoint)
         s = model_for(principal, endpoint, body.get("model"))
         record["model"] = s.name
@@ -311,12 +330,12 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         finally:
             close_record(status, error)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await handle(request, "completions",
                             lambda req, p, rec, t: generate(req, p, rec, t, chat=False))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat", lambda req, p, rec, t: generate(req, p, rec, t, chat=True))
 
@@ -366,6 +385,15 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
                 raise ApiError(400, str(e)) from None
             return JSONResponse({"object": "list", "data": records})
         return await handle(request, "audit", work)
+
+    @app.get("/v1/openapi.json")
+    async def openapi(request: Request) -> Response:
+        # Behind a credential and audited (FastAPI's own /openapi.json is off): the schema is not secret, but an
+        # endpoint map is reconnaissance, and a role may be given "openapi" for client generators.
+        async def work(req, principal: Principal, record, t) -> Response:
+            principal.require("openapi")
+            return JSONResponse(served_schema(app.openapi(), sorted(served)))
+        return await handle(request, "openapi", work)
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
@@ -446,6 +474,11 @@ def bind(host: str, port: int, authenticated: bool) -> socket.socket:
     return sock
 
 
+def _head_timeout(app: FastAPI) -> float:
+    limits = getattr(app.state, "limits", None)  # an app not made by create_app: the default
+    return limits.head_timeout if limits is not None else Limits().head_timeout
+
+
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, authenticated: bool = False,
         log_level: str = "info", sock: socket.socket | None = None) -> None:
     """Serve ``app`` until interrupted (prints the URL once bound); ``sock``: one already made by ``bind``."""
@@ -455,7 +488,7 @@ def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, authenticated: 
     bound = sock.getsockname()
     url_host = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
     print(f"hybridlm serve: http://{url_host}:{bound[1]}/v1", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, _head_timeout(app), log_level=log_level)).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -469,7 +502,8 @@ class BackgroundServer:
         self.sock = bind(host, 0, authenticated=False)
         port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn_config(app, _head_timeout(app), log_level="warning",
+                                                    graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

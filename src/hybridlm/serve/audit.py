@@ -22,6 +22,7 @@ A caller decides what a prompt holds, so no caller may decide what the log loses
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hybridlm.serve.redaction import Redaction
+
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -41,7 +44,9 @@ class AuditLog:
     """Appends records to ``path`` (thread-safe), rotating by size."""
 
     def __init__(self, path: str | Path, max_bytes: int = 10_000_000, backups: int = 5,
-                 max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400) -> None:
+                 max_field_bytes: int = 16_384, keep_seconds: float = 7 * 86_400,
+                 fsync_seconds: float | None = 1.0, redaction: Redaction | None = None,
+                 retention_days: float | None = None) -> None:
         if max_bytes < 1024:
             raise ValueError(f"audit max_bytes: expected at least 1024, got {max_bytes!r}")
         if backups < 0:
@@ -50,13 +55,52 @@ class AuditLog:
             raise ValueError(f"audit max_field_bytes: expected at least 64, got {max_field_bytes!r}")
         if keep_seconds < 0:
             raise ValueError(f"audit keep_seconds: expected a number >= 0, got {keep_seconds!r}")
+        if fsync_seconds is not None and not 0 <= fsync_seconds < float("inf"):
+            raise ValueError(f"audit fsync_seconds: expected a number >= 0 (0: every record) or none, got "
+                             f"{fsync_seconds!r}")
+        if retention_days is not None and not 0 < retention_days < float("inf"):
+            raise ValueError(f"audit retention_days: expected a number of days > 0, got {retention_days!r}")
+        self.fsync_seconds, self.redaction, self.retention_days = fsync_seconds, redaction, retention_days
+        self._sync_timer: threading.Timer | None = None
         self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
         self.max_field_bytes, self.keep_seconds = max_field_bytes, keep_seconds
         self.torn = self._set_aside_torn_line()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._expire(current=True)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], path: str | Path | None = None,
+                    where: str = "[audit]") -> AuditLog:
+        """The log an auth file's ``[audit]`` table describes (``path`` overrides its path); an unknown or
+        ill-typed key is an error naming it. ``fsync_seconds = "never"`` leaves syncing to the kernel."""
+        known = {"path", "max_bytes", "backups", "max_field_bytes", "keep_seconds", "fsync_seconds", "redact",
+                 "retention_days"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        if "redact" in config:
+            kwargs["redaction"] = Redaction.from_config(config["redact"], f"{where}.redact")
+        for key, kind in (("max_bytes", int), ("backups", int), ("max_field_bytes", int), ("keep_seconds", float),
+                          ("fsync_seconds", float), ("retention_days", float)):
+            if key not in config:
+                continue
+            value = config[key]
+            if key == "fsync_seconds" and value == "never":
+                kwargs[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ValueError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got "
+                                 f"{value!r}")
+            kwargs[key] = kind(value)
+        return cls(path or config.get("path", "hybridlm-audit.jsonl"), **kwargs)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.redaction is not None and self.redaction.active:  # before anything is serialised
+            record = {**record, **{k: self.redaction.apply(record[k]) for k in ("prompt", "output") if k in record}}
+            if isinstance(record.get("error"), str):
+                record["error"] = self.redaction.error(record["error"])
         record = {**record, **{k: self._bounded(record[k]) for k in ("prompt", "output") if k in record}}
         try:
             line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
@@ -70,8 +114,35 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)
+                if self.fsync_seconds == 0:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            if self.fsync_seconds and self._sync_timer is None:
+                self._sync_timer = threading.Timer(self.fsync_seconds, self.sync)
+                self._sync_timer.daemon = True
+                self._sync_timer.start()
+
+    def sync(self) -> None:
+        """fsync the current file now (the timer's job; also at close and before a rotation)."""
+        with self._lock:
+            self._sync_locked()
+
+    def close(self) -> None:
+        """Make everything written durable; the log may still be written to afterwards."""
+        self.sync()
+
+    def _sync_locked(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self.fsync_seconds is None or not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _set_aside_torn_line(self) -> Path | None:
         """A crash mid-write leaves a last line without its newline; appending to it would glue the next record on
@@ -109,6 +180,7 @@ class AuditLog:
     def _rotate(self) -> None:
         # Shift every rotated file up by one (FILE.n -> FILE.n+1, ..., FILE -> FILE.1), then delete those past
         # `backups` that are older than keep_seconds; younger ones stay, however many there are.
+        self._sync_locked()  # what is renamed away is durable first
         numbered = sorted((p for p in self.path.parent.glob(f"{self.path.name}.*") if p.suffix[1:].isdigit()),
                           key=lambda p: -int(p.suffix[1:]))
         for older in numbered:
@@ -118,6 +190,21 @@ class AuditLog:
         for old in self.path.parent.glob(f"{self.path.name}.*"):
             if old.suffix[1:].isdigit() and int(old.suffix[1:]) > self.backups and old.stat().st_mtime < cutoff:
                 old.unlink(missing_ok=True)
+        self._expire(current=False)
+
+    def _expire(self, current: bool) -> None:
+        # retention_days: rotated and torn files older than it go, whatever backups and keep_seconds say
+        if self.retention_days is None:
+            return
+        cutoff = time.time() - self.retention_days * 86_400
+        old = [p for p in self.path.parent.glob(f"{self.path.name}.*")
+               if p.suffix[1:].isdigit() or ".torn-" in p.name]
+        if current and self.path.exists():
+            old.append(self.path)
+        for p in old:
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
 
 
 def log_files(path: str | Path) -> list[Path]:

@@ -48,7 +48,7 @@ from typing import Any
 
 from hybridlm.serve.protocol import forbidden, unauthorized
 
-ENDPOINTS = ("models", "completions", "chat", "audit", "metrics")
+ENDPOINTS = ("models", "completions", "chat", "audit", "metrics", "openapi")
 
 
 @dataclass(frozen=True)

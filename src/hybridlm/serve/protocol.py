@@ -98,12 +98,18 @@ class Limits:
     max_tokens: int = 1024  # generated tokens per request
     default_max_tokens: int = 256  # when a request gives no max_tokens (bounded by max_tokens and the context)
     max_body_bytes: int = 1_048_576  # a request body larger is refused (413) before it is read further
+    head_timeout: float = 10.0  # seconds for a request's head (start line, headers) to arrive, else it is closed
+    body_timeout: float = 30.0  # seconds for a request's body to arrive once its head has, else a 408
 
     def __post_init__(self) -> None:
         for name in ("max_context", "max_tokens", "default_max_tokens", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name}: expected a positive integer, got {value!r}")
+        for name in ("head_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"Limits.{name}: expected a number of seconds > 0, got {value!r}")
 
 
 # The request fields this server implements, by endpoint ("user" is OpenAI's caller tag: recorded by nobody, changes
