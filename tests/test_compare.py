@@ -3,18 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from hybridlm.cli import main
 from hybridlm.compare import DEFAULT_FAMILIES, FAMILIES, LABELS, family_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_quick_writes_everything(tmp_path, capsys):

@@ -23,13 +23,7 @@ from hybridlm.train import TrainConfig, train
 TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"  # ~20 KB of Python, on every machine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest and immune to oversubscription when the machine is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _text_source(seq_len=32, eval_fraction=0.1):

@@ -7,7 +7,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.data.source import TextSource
@@ -20,12 +19,7 @@ TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 MODEL = ModelConfig.preset("llama-tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _source():
