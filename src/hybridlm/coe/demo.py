@@ -2,8 +2,10 @@
 
 Three domains found on any Python install, each an expert of its own family trained with ``hybridlm.train``:
 
-- ``code``: Python source of the standard library (``default_corpus_files``), a Transformer (``llama-tiny``);
-- ``prose``: English prose, the docstrings of those same modules (read with ``ast``), a Mamba (``mamba-tiny``);
+- ``code``: Python source of the standard library (``default_corpus_files``) without docstrings or comments,
+  a Transformer (``llama-tiny``);
+- ``prose``: English prose, the prose paragraphs of those modules' docstrings (read with ``ast``), a Mamba
+  (``mamba-tiny``);
 - ``arith``: a synthetic task, lines of integer sums ``"417+86=503;"``, a hybrid (``jamba-tiny``).
 
 Held-out prompts come from files (or seeds) the experts never trained on; each record is a prompt and the text
@@ -36,12 +38,12 @@ EXPERTS = {"code": "llama-tiny", "prose": "mamba-tiny", "arith": "jamba-tiny"}
 
 @dataclass(frozen=True)
 class DemoSettings:
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
-    n_calibration: int = 60  # prompts per domain
-    n_heldout: int = 40  # prompts per domain
+    n_calibration: int = 100  # prompts per domain
+    n_heldout: int = 60  # prompts per domain
     prompt_chars: int = 96
     completion_chars: int = 48
     max_train_chars: int = 2_000_000  # per domain
@@ -58,14 +60,49 @@ class DemoSettings:
                    completion_chars=12, max_train_chars=20_000, k=3, gen_tokens=4)
 
 
-def _docstrings(file: Path) -> str:
+def _parse(file: Path) -> ast.Module | None:
     try:
-        tree = ast.parse(file.read_text(encoding="utf-8", errors="replace"))
-    except SyntaxError:
+        return ast.parse(file.read_text(encoding="utf-8", errors="replace"))
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _has_docstring(node: ast.AST) -> bool:
+    body = getattr(node, "body", None)
+    return (isinstance(body, list) and bool(body) and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str))
+
+
+def _prose_paragraph(text: str) -> bool:
+    # Docstrings hold doctests and signatures too: keep the paragraphs that read as English sentences.
+    letters = sum(c.isalpha() or c.isspace() or c in ".,;:'-()" for c in text)
+    return len(text) > 40 and ">>>" not in text and "::" not in text and letters >= 0.95 * len(text)
+
+
+def _docstrings(file: Path) -> str:
+    """The English of a module: the prose paragraphs of its docstrings, one per line."""
+    tree = _parse(file)
+    if tree is None:
         return ""
-    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef))]
-    docs = (ast.get_docstring(n) for n in nodes)
-    return "\n\n".join(" ".join(d.split()) for d in docs if d and len(d) > 40)
+    paragraphs = []
+    for node in (n for n in ast.walk(tree) if _has_docstring(n)):
+        for paragraph in ast.get_docstring(node).split("\n\n"):
+            text = " ".join(paragraph.split())
+            if _prose_paragraph(text):
+                paragraphs.append(text)
+    return "\n".join(paragraphs)
+
+
+def _code(file: Path) -> str:
+    """A module's code without its docstrings and comments (``ast.unparse``): the prose is the other domain's,
+    so the two domains do not overlap (docstrings inside code windows made code and prose near-ties)."""
+    tree = _parse(file)
+    if tree is None:
+        return ""
+    for node in ast.walk(tree):
+        if _has_docstring(node):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
 
 
 def _arithmetic(seed: int, n_chars: int) -> str:
@@ -94,10 +131,7 @@ def domain_texts(settings: DemoSettings) -> dict[str, tuple[str, str]]:
                 break
         return "\n".join(out)[:settings.max_train_chars]
 
-    def code(f: Path) -> str:
-        return f.read_text(encoding="utf-8", errors="replace")
-
-    return {"code": (read(train_files, code), read(held_files, code)),
+    return {"code": (read(train_files, _code), read(held_files, _code)),
             "prose": (read(train_files, _docstrings), read(held_files, _docstrings)),
             "arith": (_arithmetic(0, settings.max_train_chars), _arithmetic(1, settings.max_train_chars // 4))}
 
