@@ -391,6 +391,65 @@ def cmd_apikey(args: argparse.Namespace) -> None:
           f'principal = "{args.principal}"\nrole = "{args.role}"\nsha256 = "{digest}"')
 
 
+def cmd_coe_build(args: argparse.Namespace) -> None:
+    from hybridlm.coe.build import build, parse_expert_specs
+
+    out = build(args.out, parse_expert_specs(args.expert), args.data, router=args.router, embedder=args.embedder,
+                k=args.k, threshold=args.threshold, fallback=args.fallback, copy=args.copy, seed=args.seed)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_coe_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from hybridlm.coe.evaluation import evaluate_directory
+
+    result, report = evaluate_directory(args.coe_dir, args.data, out=args.out, gen_tokens=args.gen_tokens)
+    print(report)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_coe_demo(args: argparse.Namespace) -> None:
+    from hybridlm.coe.demo import DemoSettings, run_demo
+
+    settings = DemoSettings.full() if args.size == "full" else DemoSettings.tiny()
+    result = run_demo(args.out, settings, progress=not args.no_progress)
+    if args.strict and not all(result["eval"]["floors"].values()):
+        raise SystemExit(1)
+
+
+def _add_coe(sub) -> None:
+    coe = sub.add_parser("coe", help="composition of experts: route each prompt to one of several whole models")
+    coe_sub = coe.add_subparsers(dest="coe_command", required=True)
+    p = coe_sub.add_parser("build", help="write a CoE directory: experts by hash, a router trained on --data")
+    p.add_argument("out", help="the CoE directory to write (replaced atomically)")
+    p.add_argument("--expert", action="append", required=True, metavar="NAME=DIR",
+                   help="an expert checkpoint (repeat; at least two)")
+    p.add_argument("--data", required=True, help='calibration JSONL: {"prompt", "expert"} labels or '
+                   '{"prompt", "completion"} records labelled by the oracle (lowest loss)')
+    p.add_argument("--router", default="knn", help="knn (default) or logistic")
+    p.add_argument("--embedder", default=None, metavar="NAME",
+                   help="the expert whose mean final hidden state is the router's feature (default: n-grams only)")
+    p.add_argument("--k", type=int, default=5, help="neighbours of the kNN router")
+    p.add_argument("--threshold", type=float, default=0.0, help="below this confidence --fallback answers")
+    p.add_argument("--fallback", default=None, metavar="NAME", help="the expert that answers low-confidence prompts")
+    p.add_argument("--copy", action="store_true", help="copy the experts into the CoE directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the logistic router's initialisation")
+    p.set_defaults(func=cmd_coe_build)
+    p = coe_sub.add_parser("eval", help="routing accuracy, quality and cost against the oracle on held-out data")
+    p.add_argument("coe_dir")
+    p.add_argument("--data", required=True, help='held-out JSONL of {"prompt", "completion"} records')
+    p.add_argument("--out", default=None, help="where eval.json and the cost-quality curve go (default: COE_DIR)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="generation length the router overhead is judged by")
+    p.set_defaults(func=cmd_coe_eval)
+    p = coe_sub.add_parser("demo", help="train experts on distinct domains, build, evaluate, check the floors")
+    p.add_argument("out")
+    p.add_argument("--size", choices=["full", "tiny"], default="full", help="full: the recorded run; tiny: seconds")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a floor fails")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_coe_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -570,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plots", help="write PNG plots to this directory (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    _add_coe(sub)
     return parser
 
 

@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 CHECKSUMS_KEY = "sha256"  # in trainer_state.json: file name -> hex digest, for every other file of the checkpoint
 
 
-def _sha256(file: Path) -> str:
+def sha256_file(file: Path) -> str:
+    """The hex sha256 of a file's bytes, read a MiB at a time."""
     digest = hashlib.sha256()
     with file.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +42,7 @@ def _sha256(file: Path) -> str:
 
 
 def _checksums(directory: Path) -> dict[str, str]:
-    return {str(f.relative_to(directory)): _sha256(f) for f in sorted(directory.rglob("*"))
+    return {str(f.relative_to(directory)): sha256_file(f) for f in sorted(directory.rglob("*"))
             if f.is_file() and f.name != STATE_NAME}
 
 
@@ -53,7 +54,7 @@ def verify_checksums(path: str | Path, state: dict[str, Any]) -> None:
         file = path / name
         if not file.is_file():
             raise ValueError(f"resume: {file} is missing from the checkpoint (its trainer_state.json lists it)")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise ValueError(f"resume: {file} is corrupted or truncated: its sha256 differs from the one recorded "
                              f"in {path / STATE_NAME} when it was saved; resume from another checkpoint")
 
