@@ -31,7 +31,8 @@ def test_sample_always_returns_a_valid_token(rows, temperature, top_p, top_k, se
             assert tokens.tolist() == logits.argmax(-1).tolist()
             continue
         # never a token the filters masked (as sample applies them: after the shift and the temperature)
-        kept = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
+        shifted = (logits - logits.amax(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).min)
+        kept = filter_logits(shifted / temperature, top_k, top_p)
         assert bool(torch.isfinite(kept.gather(1, tokens[:, None])).all()), (kept, tokens)
 
 
@@ -42,3 +43,10 @@ def test_filter_logits_keeps_the_top_token_and_makes_no_nan(rows, top_p, top_k):
     out = filter_logits(logits, top_k, top_p)
     assert not bool(out.isnan().any())
     assert bool(torch.isfinite(out.gather(1, logits.argmax(-1, keepdim=True))).all())
+
+
+def test_a_spread_wider_than_float32_at_an_infinite_temperature_samples():
+    # found by hypothesis: the shifted logits overflow to -inf, and -inf / inf (1e308 in float32) was NaN
+    logits = torch.tensor([[3e38, -3e38, 0.0]])
+    tokens = sample(logits, 1e308, None, None, [torch.Generator().manual_seed(0)])
+    assert 0 <= int(tokens[0]) < 3

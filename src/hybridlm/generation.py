@@ -36,7 +36,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     if float(torch.tensor(temperature, dtype=torch.float32)) == 0:
         return logits.argmax(-1)
     logits = logits.float()
-    shifted = logits - logits.amax(-1, keepdim=True)
+    # A spread wider than float32 makes the shift -inf, and -inf over a temperature that is inf in float32 is NaN:
+    # keep the shift finite (at an infinite temperature every token is then equally likely).
+    shifted = (logits - logits.amax(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).min)
     probs = filter_logits(shifted / temperature, top_k, top_p).softmax(-1)
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
