@@ -54,7 +54,7 @@ class PreferenceDemoSettings:
     pretrain_lr: float = 3e-3
     dpo_steps: int = 150
     dpo_batch: int = 16
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 2e-5
     beta: float = 0.1
     eval_every: int = 10
     max_new_tokens: int = 80  # a completion is at most the longest statement kept, 60 characters plus indentation
