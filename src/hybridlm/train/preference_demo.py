@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from hybridlm.atomic_files import atomic_write_text
 from hybridlm.config import ModelConfig
 from hybridlm.data.corpus import default_corpus_files
+from hybridlm.data.preference_source import IGNORE
 from hybridlm.data.statement_pairs import StatementPair, completes_statement, describe, statement_pairs
 from hybridlm.generation import generate
 from hybridlm.model import HybridLM
@@ -83,6 +85,18 @@ class Measurement:
     examples: list[dict[str, str]]
 
 
+def _completion_logps(model: HybridLM, tokenizer: Any, prompts: list[list[int]], completions: list[str]
+                      ) -> torch.Tensor:
+    """Summed log-probs of each completion after its prompt's ids (right padding): (len(prompts),)"""
+    rows = [prompt + tokenizer.encode(text) for prompt, text in zip(prompts, completions, strict=True)]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    for r, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        ids[r, :len(row)] = torch.tensor(row)
+        labels[r, len(prompt):len(row)] = torch.tensor(row[len(prompt):])
+    return sequence_logps(model, ids, labels)[0]
+
+
 @torch.no_grad()
 def measure(model: HybridLM, tokenizer: Any, pairs: list[StatementPair], max_new_tokens: int,
             batch_size: int = 50, n_examples: int = 3) -> Measurement:
@@ -92,18 +106,9 @@ def measure(model: HybridLM, tokenizer: Any, pairs: list[StatementPair], max_new
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         prompts = [[tokenizer.bos_token_id, *tokenizer.encode(p.prompt)] for p in chunk]
-        for which in ("chosen", "rejected"):  # summed log-probs of each completion after its prompt
-            rows = [prompt + tokenizer.encode(getattr(p, which)) for prompt, p in zip(prompts, chunk, strict=True)]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full_like(ids, -100)
-            for r, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
-                ids[r, :len(row)] = torch.tensor(row)
-                labels[r, len(prompt):len(row)] = torch.tensor(row[len(prompt):])
-            logps = sequence_logps(model, ids, labels)[0]
-            if which == "chosen":
-                chosen_logps = logps
-        prefers += (chosen_logps > logps).tolist()
+        chosen = _completion_logps(model, tokenizer, prompts, [p.chosen for p in chunk])
+        rejected = _completion_logps(model, tokenizer, prompts, [p.rejected for p in chunk])
+        prefers += (chosen > rejected).tolist()
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -134,7 +139,7 @@ def sign_test(before: list[bool], after: list[bool]) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, pairs: list[StatementPair]) -> None:
-    path.write_text("".join(json.dumps(p.record()) + "\n" for p in pairs))
+    atomic_write_text(path, "".join(json.dumps(p.record()) + "\n" for p in pairs))
 
 
 def run_preference_demo(out: str | Path, settings: PreferenceDemoSettings | None = None,
@@ -182,7 +187,7 @@ def run_preference_demo(out: str | Path, settings: PreferenceDemoSettings | None
             "after": {k: v for k, v in asdict(after).items() if k != "is_statement"},
             "paired": sign_test(before.is_statement, after.is_statement),
         }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
