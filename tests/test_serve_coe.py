@@ -3,20 +3,26 @@
 log and /metrics; a role allowed the composition without its experts by name."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
-from serve_helpers import tiny_model  # noqa: E402
+from serve_helpers import read_line, tiny_model  # noqa: E402
 
+import hybridlm  # noqa: E402
 from hybridlm.chat_template import ChatTemplate  # noqa: E402
 from hybridlm.coe import CompositionOfExperts  # noqa: E402
 from hybridlm.coe.build import build  # noqa: E402
 from hybridlm.serve import AuditLog, AuthConfig, Limits, ServedComposition, create_app, new_api_key  # noqa: E402
 from hybridlm.serve.app import EXPERT_HEADER, BackgroundServer, load_served_model  # noqa: E402
 from hybridlm.serve.audit import query  # noqa: E402
+from hybridlm.serve.scheduler import Scheduler  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,3 +275,38 @@ def test_a_role_may_use_the_composition_without_its_experts_by_name(server):
         ["code", "coe", "fb"]
     missing = post(server, "/v1/completions", {"model": "coe/code", "prompt": "x"})
     assert missing.status_code == 404 and "['code', 'coe', 'fb']" in missing.json()["error"]["message"]
+
+
+def test_scheduler_call_runs_on_the_model_thread_and_returns_or_raises():
+    scheduler = Scheduler(tiny_model("llama-tiny"), name="m").start()
+    try:
+        assert scheduler.call(lambda: threading.current_thread().name).result(10) == "hybridlm-scheduler-m"
+        with pytest.raises(ZeroDivisionError):
+            scheduler.call(lambda: 1 / 0).result(10)
+    finally:
+        scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.call(lambda: None)
+
+
+def test_the_serve_command_serves_a_coe_directory_as_one_model(dirs, refs, tmp_path):
+    cmd = [sys.executable, "-m", "hybridlm.cli", "serve", f"mix={dirs['coe']}", "--port", "0",
+           "--audit-log", str(tmp_path / "audit.jsonl"), "--max-context", "256", "--max-tokens", "16"]
+    # The process imports the hybridlm this test imports (not another install), wherever it runs from.
+    env = {**os.environ, "PYTHONPATH": str(Path(hybridlm.__file__).parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    try:
+        url = read_line(proc, 120).split(": ", 1)[1]
+        assert [m["id"] for m in httpx.get(url + "/models").json()["data"]] == ["mix"]
+        want = refs["coe"].generate(PROBES[0], 8, seed=5)
+        r = httpx.post(url + "/completions", json={"model": "mix", "prompt": PROBES[0], "max_tokens": 8, "seed": 5},
+                       timeout=60)
+        assert r.headers[EXPERT_HEADER] == r.json()["expert"] == want.expert
+        assert r.json()["choices"][0]["text"] == want.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)

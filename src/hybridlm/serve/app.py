@@ -211,7 +211,8 @@ def create_app(models: dict[str, HybridLM | ServedModel | ServedComposition], au
         served_as = model_for(principal, endpoint, body.get("model"))
         record["model"] = served_as.name
         messages = body.get("messages")
-        record["prompt"] = messages if chat else prompt_text(body)
+        if not chat:
+            record["prompt"] = prompt_text(body)
         routed: dict[str, Any] = {}  # a composition's routing, added to each response object
         if isinstance(served_as, ServedComposition):
             try:
@@ -225,7 +226,11 @@ def create_app(models: dict[str, HybridLM | ServedModel | ServedComposition], au
             s, scheduler = served_as.experts[routing.expert], expert_schedulers[served_as.name][routing.expert]
         else:
             s, scheduler = served_as, schedulers[served_as.name]
-        prompt = render_chat(s.chat_template, messages) if chat else record["prompt"]
+        if chat:
+            prompt = render_chat(s.chat_template, messages)
+            record["prompt"] = messages  # once the template took them, as for a single model
+        else:
+            prompt = record["prompt"]
         ids = s.tokenizer.encode(prompt, add_bos=True)
         params = sampling_params(body, len(ids), limits, s.model.config.vocab_size,
                                  extra_stop=s.chat_template.stop if chat else None)
