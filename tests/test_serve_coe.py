@@ -258,7 +258,7 @@ def test_below_the_threshold_the_fallback_answers_and_is_reported(server, refs):
     assert record["confidence"] == pytest.approx(want.confidence) and record["confidence"] < fb.threshold
 
 
-def test_a_role_may_use_the_composition_without_its_experts_by_name(server):
+def test_a_role_may_use_the_composition_without_its_experts_by_name(server, refs):
     ok = post(server, "/v1/completions", {"model": "coe", "prompt": CODE[0], "max_tokens": 2}, who="analyst")
     assert ok.status_code == 200 and ok.headers[EXPERT_HEADER] in ("code", "prose")
     refused = post(server, "/v1/completions", {"model": "code", "prompt": CODE[0], "max_tokens": 2}, who="analyst")
@@ -273,6 +273,9 @@ def test_a_role_may_use_the_composition_without_its_experts_by_name(server):
     admin = {"Authorization": f"Bearer {KEYS['admin'][0]}"}
     assert sorted(c["id"] for c in httpx.get(server.url + "/v1/models", headers=admin).json()["data"]) == \
         ["code", "coe", "fb"]
+    # An error after routing still says who would have answered (a 400 here; a full expert queue's 429 alike).
+    too_long = post(server, "/v1/completions", {"model": "coe", "prompt": PROBES[0], "max_tokens": 65})
+    assert too_long.status_code == 400 and too_long.headers[EXPERT_HEADER] == refs["coe"].choose(PROBES[0]).expert
     missing = post(server, "/v1/completions", {"model": "coe/code", "prompt": "x"})
     assert missing.status_code == 404 and "['code', 'coe', 'fb']" in missing.json()["error"]["message"]
 
