@@ -143,8 +143,9 @@ def test_build_then_load_routes_and_generates_with_only_the_chosen_expert(expert
     result = coe.generate(PROSE[0], 5, temperature=0)
     assert result.expert == "prose" and len(result.token_ids) <= 5
     assert calls["prose"] > 0 and calls["code"] == 1  # the embedder's one forward for routing, no generation
-    direct = coe.experts["prose"].model.generate(torch.tensor([list(PROSE[0].encode())]), 5, temperature=0)
-    assert result.token_ids == direct[0, len(PROSE[0].encode()):].tolist()[:len(result.token_ids)]
+    ids = coe.experts["prose"].tokenizer.encode(PROSE[0], add_bos=True)  # bos + bytes, as generate and serve
+    direct = coe.experts["prose"].model.generate(torch.tensor([ids]), 5, temperature=0)
+    assert result.token_ids == direct[0, len(ids):].tolist()[:len(result.token_ids)]
 
 
 def test_fallback_answers_below_the_threshold(experts, tmp_path):
@@ -216,7 +217,7 @@ def test_an_expert_with_its_own_tokenizer(experts, tmp_path):
     for prompt in (PROSE[0], CODE[0]):
         result = coe.generate(prompt, 3, temperature=0)
         answering = coe.experts[result.expert]
-        ids = answering.tokenizer.encode(prompt)
+        ids = answering.tokenizer.encode(prompt, add_bos=True)
         direct = answering.model.generate(torch.tensor([ids]), 3, temperature=0)[0, len(ids):].tolist()
         assert result.token_ids == direct[:len(result.token_ids)]
         assert all(0 <= t < answering.model.config.vocab_size for t in result.token_ids)

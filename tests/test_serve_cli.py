@@ -3,11 +3,8 @@ name, a checkpoint's own chat template), its start-up errors, and ``hybridlm aud
 
 import calendar
 import json
-import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from serve_helpers import reference, tiny_model  # noqa: E402
+from serve_helpers import read_line, reference, tiny_model  # noqa: E402
 
 from hybridlm import HybridLM, ModelConfig  # noqa: E402
 from hybridlm.chat_template import ChatTemplate  # noqa: E402
@@ -25,23 +22,6 @@ from hybridlm.serve import AuditLog  # noqa: E402
 from hybridlm.serve.audit import query  # noqa: E402
 
 TEMPLATE = {"message": "### {role}: {content}\n", "generation_prompt": "### assistant:", "stop": ["\n###"]}
-
-
-def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The next line of ``proc``'s stdout, waiting at most ``timeout`` seconds."""
-    deadline, buf = time.monotonic() + timeout, b""
-    fd = proc.stdout.fileno()
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
-            raise AssertionError(f"no line from the server (exit code {proc.poll()}): {proc.stderr.read()!r}"
-                                 if proc.poll() is not None else "no line from the server in time")
-        if select.select([fd], [], [], min(left, 0.5))[0]:
-            chunk = os.read(fd, 1)
-            if not chunk:
-                continue
-            buf += chunk
-    return buf.decode().strip()
 
 
 def test_serve_command_serves_a_checkpoint_and_a_preset_under_their_names(tmp_path):

@@ -84,16 +84,7 @@ class ChatTemplate:
         return out
 
     def _checked(self, message: Any, i: int) -> tuple[str, str]:
-        if not isinstance(message, dict):
-            raise ChatFormatError(f"messages[{i}]: expected an object, got {type(message).__name__}",
-                                  f"messages[{i}]")
-        role = message.get("role")
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ROLES:
-            raise ChatFormatError(f"messages[{i}].role: expected one of {list(ROLES)}, got {role!r}",
-                                  f"messages[{i}].role")
-        content = _content_text(message.get("content"), i)
+        role, content = message_text(message, i)
         for marker in self.markers():  # else a user could write a system turn into its own message
             if marker in content:
                 raise ChatFormatError(f"messages[{i}].content: contains the chat template's marker {marker!r}, "
@@ -107,6 +98,21 @@ class ChatTemplate:
         found = {opening.format(role=role).strip() for role in ROLES} | {self.generation_prompt.strip()}
         found |= {stop.strip() for stop in self.stop}
         return sorted(m for m in found if m)
+
+
+def message_text(message: Any, i: int) -> tuple[str, str]:
+    """``messages[i]`` as (role, content text), whatever the template: the checks every template makes of a
+    message's shape (an object, a known role, text content). A template adds its own (``ChatTemplate.render``
+    refuses content holding its markers)."""
+    if not isinstance(message, dict):
+        raise ChatFormatError(f"messages[{i}]: expected an object, got {type(message).__name__}", f"messages[{i}]")
+    role = message.get("role")
+    if role == "developer":  # OpenAI's newer name for the system role
+        role = "system"
+    if role not in ROLES:
+        raise ChatFormatError(f"messages[{i}].role: expected one of {list(ROLES)}, got {role!r}",
+                              f"messages[{i}].role")
+    return role, _content_text(message.get("content"), i)
 
 
 def _content_text(content: Any, i: int) -> str:

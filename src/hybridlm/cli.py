@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="checkpoint directory or preset name (random weights), optionally NAME=MODEL")
+                   help="checkpoint directory, composition-of-experts directory (served as one name) or preset name "
+                        "(random weights), optionally NAME=MODEL")
     p.add_argument("--host", default="127.0.0.1", help="without --auth only loopback is allowed")
     p.add_argument("--port", type=int, default=8000, help="0 for any free port")
     p.add_argument("--auth", help="TOML/YAML file: API key hashes, roles, OIDC issuer/audience/JWKS, audit log")

@@ -6,6 +6,6 @@ oracle's labels; ``composition``: a CoE directory loaded (``CompositionOfExperts
 ``evaluation``: routing against the oracle; ``demo``: a small end-to-end run.
 """
 
-from hybridlm.coe.composition import CoEError, CompositionOfExperts, Expert, Generation
+from hybridlm.coe.composition import CoEError, CompositionOfExperts, Expert, Generation, Routing
 
-__all__ = ["CoEError", "CompositionOfExperts", "Expert", "Generation"]
+__all__ = ["CoEError", "CompositionOfExperts", "Expert", "Generation", "Routing"]

@@ -55,6 +55,17 @@ class Expert:
     chat_template: ChatTemplate
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Which expert answers one prompt, and why: the router's choice, its confidence, and whether the fallback
+    took over (confidence below the threshold)."""
+
+    expert: str  # the answering expert
+    routed_expert: str  # the router's own choice
+    confidence: float
+    fell_back: bool
+
+
 @dataclass
 class Generation:
     """What ``CompositionOfExperts.generate`` answers: who answered, and what."""
@@ -146,19 +157,27 @@ class CompositionOfExperts:
             names = [self.fallback if c < self.threshold else n for n, c in zip(names, confidences, strict=True)]
         return names, confidences
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
-        """Route ``prompt``, then generate with only the answering expert (tokenized by its own tokenizer);
-        the result names that expert. Sampling arguments are ``hybridlm.generation.stream``'s."""
-        if not isinstance(prompt, str) or not prompt:
-            raise CoEError(f"prompt: expected a non-empty string, got {prompt!r}")
+    def choose(self, prompt: str) -> Routing:
+        """The answering expert of one prompt: the router's choice, or the fallback below the threshold. The one
+        place that rule is applied to a single prompt (``generate`` and the server both ask here)."""
         [routed], [confidence] = self.route([prompt], apply_fallback=False)
         fell_back = self.fallback is not None and confidence < self.threshold
-        expert = self.experts[self.fallback if fell_back else routed]
-        ids = expert.tokenizer.encode(prompt)
+        return Routing(self.fallback if fell_back else routed, routed, confidence, fell_back)
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
+        """Route ``prompt``, then generate with only the answering expert (tokenized by its own tokenizer, with
+        its bos token first, as ``hybridlm generate`` and ``hybridlm serve`` do, so the three give the same text
+        for the same seed); the result names that expert. Sampling arguments are ``hybridlm.generation.stream``'s."""
+        if not isinstance(prompt, str) or not prompt:
+            raise CoEError(f"prompt: expected a non-empty string, got {prompt!r}")
+        routing = self.choose(prompt)
+        expert = self.experts[routing.expert]
+        ids = expert.tokenizer.encode(prompt, add_bos=True)
         device = expert.model.embedding.weight.device
         eos = getattr(expert.tokenizer, "eos_token_id", None) if stop_at_eos else None
         out = expert.model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos)
         new = out[0, len(ids):].tolist()
-        return Generation(expert.name, routed, confidence, fell_back, expert.tokenizer.decode(new), new)
+        return Generation(expert.name, routing.routed_expert, routing.confidence, routing.fell_back,
+                          expert.tokenizer.decode(new), new)

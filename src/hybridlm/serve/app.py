@@ -15,8 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,12 +22,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from hybridlm.chat_template import ChatTemplate
+from hybridlm.chat_template import ChatFormatError
+from hybridlm.coe import Routing
 from hybridlm.model import HybridLM
 from hybridlm.serve.audit import AuditLog, query, utc_now
 from hybridlm.serve.auth import AuthConfig, Authenticator, Principal
 from hybridlm.serve.http import uvicorn_config
 from hybridlm.serve.metrics import Metrics
+from hybridlm.serve.models import ServedComposition, ServedModel, chat_routing_text, load_served_model
 from hybridlm.serve.protocol import (
     ApiError,
     Limits,
@@ -45,44 +45,11 @@ from hybridlm.serve.protocol import (
 )
 from hybridlm.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from hybridlm.serve.schema import ChatCompletionRequest, CompletionRequest, request_body, served_schema
-from hybridlm.tokenizer import ByteTokenizer
+
+__all__ = ["BackgroundServer", "ServedComposition", "ServedModel", "create_app", "load_served_model", "run"]
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the response"
-
-
-@dataclass
-class ServedModel:
-    """A model under its public name, with what serving it needs."""
-
-    name: str
-    model: HybridLM
-    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
-    tokenizer: ByteTokenizer = field(default_factory=ByteTokenizer)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-def load_served_model(spec: str, seed: int = 0) -> ServedModel:
-    """``MODEL`` or ``NAME=MODEL``; MODEL is a checkpoint directory (served under its directory name) or a
-    preset name (randomly initialised from ``seed``: for trying the server, the text is noise)."""
-    import torch
-
-    from hybridlm.config import ModelConfig
-    from hybridlm.presets import DESCRIBE_ONLY
-    from hybridlm.tokenizer import load_tokenizer
-
-    name, _, source = spec.rpartition("=")
-    path = Path(source)
-    if path.is_dir():
-        model = HybridLM.from_pretrained(path)
-        tokenizer_file = path / "tokenizer.json"
-        tokenizer = load_tokenizer(tokenizer_file if tokenizer_file.is_file() else None)
-        return ServedModel(name or path.resolve().name, model.eval(), ChatTemplate.for_checkpoint(path), tokenizer)
-    if source in DESCRIBE_ONLY:
-        raise ValueError(f"MODEL {source}: a describe-only preset (too large to instantiate); serve a checkpoint "
-                         f"directory or a small preset")
-    config = ModelConfig.preset(source)  # raises naming the known presets
-    torch.manual_seed(seed)
-    return ServedModel(name or source, HybridLM(config).eval())
+EXPERT_HEADER = "X-Hybridlm-Expert"  # on a composition's answers: the expert that answered
 
 
 # The Host names a server without --auth answers: a page elsewhere in a browser on this machine could otherwise
@@ -127,41 +94,58 @@ async def read_body(request: Request, limit: int, timeout: float = 30.0) -> byte
     return b"".join(chunks)
 
 
-def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | None = None,
+def create_app(models: dict[str, HybridLM | ServedModel | ServedComposition], auth: AuthConfig | None = None,
                audit_log: AuditLog | None = None, limits: Limits | None = None, max_batch: int = 32,
                max_queue: int = 64, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The FastAPI app serving ``models`` (name -> model). ``auth=None`` lets every caller in as the local
-    admin: only for a server bound to loopback (``run`` enforces it). ``allowed_hosts``: the Host names answered
-    (any other gets an audited 400); default the loopback names without ``auth``, any with it. The schedulers'
-    threads start with the app and stop with it (its lifespan)."""
+    """The FastAPI app serving ``models`` (name -> model or composition of experts). ``auth=None`` lets every
+    caller in as the local admin: only for a server bound to loopback (``run`` enforces it). ``allowed_hosts``:
+    the Host names answered (any other gets an audited 400); default the loopback names without ``auth``, any
+    with it. Each model, and each expert of a composition, has its own scheduler (so continuous batching groups
+    a composition's requests by expert); their threads start with the app and stop with it (its lifespan).
+
+    A composition's request is routed once, on its prompt (chat: its last user message, see
+    ``chat_routing_text``), then answered by the chosen expert; the answer carries the expert in the
+    ``X-Hybridlm-Expert`` header and in ``expert``, ``routed_expert`` and ``fell_back`` fields of its body (of
+    every chunk, streamed), the audit record in the same fields (and ``confidence``), ``/metrics`` in
+    ``hybridlm_expert_requests_total``. A role allowed the composition's name may use it whatever its experts
+    are called: they are not served under their own names unless given as models too."""
     if allowed_hosts is None and auth is None:
         allowed_hosts = LOOPBACK_HOSTS
     hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
     if not models:
         raise ValueError("models: expected at least one model to serve")
-    served = {name: m if isinstance(m, ServedModel) else ServedModel(name, m) for name, m in models.items()}
+    served: dict[str, ServedModel | ServedComposition] = {
+        name: m if isinstance(m, (ServedModel, ServedComposition)) else ServedModel(name, m)
+        for name, m in models.items()}
+    plain = {name: s for name, s in served.items() if isinstance(s, ServedModel)}
+    compositions = {name: s for name, s in served.items() if isinstance(s, ServedComposition)}
+    runners = [*plain.values(), *(e for c in compositions.values() for e in c.experts.values())]
     owners: dict[int, str] = {}
-    for s in served.values():  # one scheduler thread per name: a shared model would run two forwards at once
+    for s in runners:  # one scheduler thread per model: a shared model would run two forwards at once
         if owners.setdefault(id(s.model), s.name) != s.name:
             raise ValueError(f"models: {owners[id(s.model)]!r} and {s.name!r} are the same model object; serve "
                              f"it under one name (or load it twice)")
-    for s in served.values():
+    for s in runners:
         if s.model.config.vocab_size < s.tokenizer.vocab_size:
-            raise ValueError(f"model {s.name}: vocab_size {s.model.config.vocab_size} is smaller than the byte "
+            raise ValueError(f"model {s.name}: vocab_size {s.model.config.vocab_size} is smaller than the "
                              f"tokenizer's {s.tokenizer.vocab_size}")
     limits = limits or Limits()
-    schedulers = {name: Scheduler(s.model, s.tokenizer, max_batch, max_queue, name) for name, s in served.items()}
+    schedulers = {name: Scheduler(s.model, s.tokenizer, max_batch, max_queue, name) for name, s in plain.items()}
+    # composition -> expert -> its scheduler
+    expert_schedulers = {name: {e: Scheduler(x.model, x.tokenizer, max_batch, max_queue, x.name)
+                                for e, x in c.experts.items()} for name, c in compositions.items()}
+    every_scheduler = [*schedulers.values(), *(x for d in expert_schedulers.values() for x in d.values())]
     authenticator = Authenticator(auth)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for s in schedulers.values():
+        for s in every_scheduler:
             s.start()
         try:
             yield
         finally:
-            for s in schedulers.values():
+            for s in every_scheduler:
                 s.close()
             if audit_log is not None:
                 audit_log.close()
@@ -170,6 +154,7 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.schedulers, app.state.metrics, app.state.audit_log = schedulers, metrics, audit_log
+    app.state.expert_schedulers = expert_schedulers
     app.state.limits = limits
 
     # ------------------------------------------------------------------------------ request wrapper
@@ -202,11 +187,13 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         except Exception as e:  # noqa: BLE001 - answer 500 in OpenAI's shape and keep serving
             record["error"] = f"internal error: {type(e).__name__}: {e}"
             response = JSONResponse(ApiError(500, record["error"], "server_error").body(), status_code=500)
+        if record.get("expert") is not None:  # a composition's request, routed: whatever the answer, who gave it
+            response.headers[EXPERT_HEADER] = record["expert"]
         if not record.pop("deferred", False):
             finish(record, response.status_code, started)
         return response
 
-    def model_for(principal: Principal, endpoint: str, name: Any) -> ServedModel:
+    def model_for(principal: Principal, endpoint: str, name: Any) -> ServedModel | ServedComposition:
         if not isinstance(name, str) or not name:
             raise ApiError(400, f"model: expected a model name, got {name!r}", param="model")
         principal.require(endpoint, name)  # before the lookup: a refused caller learns nothing of what exists
@@ -221,14 +208,29 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         endpoint = "chat" if chat else "completions"
         body = parse_json_body(await read_body(request, limits.max_body_bytes, limits.body_timeout))
         check_fields(body, endpoint)
-        s = model_for(principal, endpoint, body.get("model"))
-        record["model"] = s.name
-        if chat:
-            prompt = render_chat(s.chat_template, body.get("messages"))
-            record["prompt"] = body.get("messages")
+        served_as = model_for(principal, endpoint, body.get("model"))
+        record["model"] = served_as.name
+        messages = body.get("messages")
+        if not chat:
+            record["prompt"] = prompt_text(body)
+        routed: dict[str, Any] = {}  # a composition's routing, added to each response object
+        if isinstance(served_as, ServedComposition):
+            try:
+                text = chat_routing_text(messages) if chat else record["prompt"]
+            except ChatFormatError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            routing = await route(served_as, text)
+            routed = {"expert": routing.expert, "routed_expert": routing.routed_expert,
+                      "fell_back": routing.fell_back}
+            record.update(routed, confidence=routing.confidence)
+            s, scheduler = served_as.experts[routing.expert], expert_schedulers[served_as.name][routing.expert]
         else:
-            prompt = prompt_text(body)
-            record["prompt"] = prompt
+            s, scheduler = served_as, schedulers[served_as.name]
+        if chat:
+            prompt = render_chat(s.chat_template, messages)
+            record["prompt"] = messages  # once the template took them, as for a single model
+        else:
+            prompt = record["prompt"]
         ids = s.tokenizer.encode(prompt, add_bos=True)
         params = sampling_params(body, len(ids), limits, s.model.config.vocab_size,
                                  extra_stop=s.chat_template.stop if chat else None)
@@ -247,10 +249,12 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
 
         job = GenerationRequest(ids, params, on_event)
         try:
-            schedulers[s.name].submit(job)
+            scheduler.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        if routed:
+            metrics.count_expert(served_as.name, routed["expert"], routed["fell_back"])
         record["prompt_tokens"] = len(ids)
         if audit_log is not None:  # admitted: a crash before it ends still leaves it in the log
             audit_log.write({**record, "admitted": True})
@@ -270,8 +274,8 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
 
         if stream:
             record["deferred"] = True
-            return _EventStream(sse(job, events, rid, s.name, chat, include_usage, return_ids, close_record),
-                                on_close=lambda: close_record(CLIENT_CLOSED))
+            return _EventStream(sse(job, events, rid, served_as.name, chat, include_usage, return_ids, close_record,
+                                    routed), on_close=lambda: close_record(CLIENT_CLOSED))
         text_parts: list[str] = []
         next_check = time.monotonic() + 0.25
         try:
@@ -298,32 +302,46 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
             if job.finish_reason is None:
                 job.cancel()
             record.update(output=job.text, completion_tokens=len(job.tokens), finish_reason=job.finish_reason)
-        return JSONResponse(completion_object(rid, s.name, "".join(text_parts), job.finish_reason, chat,
-                                              usage(len(ids), len(job.tokens)),
-                                              token_ids=list(job.tokens) if return_ids else None))
+        return JSONResponse({**completion_object(rid, served_as.name, "".join(text_parts), job.finish_reason,
+                                                   chat, usage(len(ids), len(job.tokens)),
+                                                   token_ids=list(job.tokens) if return_ids else None), **routed})
+
+    async def route(composition: ServedComposition, text: str) -> Routing:
+        """``composition.coe.choose(text)``, off the event loop. With an embedder, on that expert's model thread
+        (``Scheduler.call``): the embedding is a forward of a model its scheduler is decoding with, and a forward
+        hook catches it, so the two must not overlap. N-gram routing touches no model: a worker thread."""
+        coe = composition.coe
+        if coe.embedder is None:
+            return await asyncio.to_thread(coe.choose, text)
+        embedder = expert_schedulers[composition.name][coe.embedder]
+        return await asyncio.wrap_future(embedder.call(lambda: coe.choose(text)))
 
     async def sse(job: GenerationRequest, events: asyncio.Queue, rid: str, model: str, chat: bool,
-                  include_usage: bool, return_ids: bool, close_record) -> AsyncIterator[str]:
+                  include_usage: bool, return_ids: bool, close_record, routed: dict[str, Any]
+                  ) -> AsyncIterator[str]:
+        def chunk(*args: Any, **kwargs: Any) -> str:  # every chunk names the answering expert (a composition's)
+            return _sse({**completion_object(rid, model, *args, chunk=True, **kwargs), **routed})
+
         status, error = CLIENT_CLOSED, None
         try:
             if chat:  # OpenAI's first chunk announces the role
-                yield _sse(completion_object(rid, model, "", None, True, chunk=True, first=True))
+                yield chunk("", None, True, first=True)
             while True:
                 kind, payload = await events.get()
                 if kind == "text":
-                    yield _sse(completion_object(rid, model, payload, None, chat, chunk=True))
+                    yield chunk(payload, None, chat)
                 elif kind == "error":
                     status, error = 500, payload
                     yield _sse(ApiError(500, payload, "server_error").body())
                     break
                 else:
-                    yield _sse(completion_object(rid, model, "", job.finish_reason, chat, chunk=True,
-                                                 token_ids=list(job.tokens) if return_ids else None))
+                    yield chunk("", job.finish_reason, chat, token_ids=list(job.tokens) if return_ids else None)
                     if include_usage:
-                        chunk = completion_object(rid, model, "", None, chat, usage(len(job.prompt_ids),
-                                                                                   len(job.tokens)), chunk=True)
-                        chunk["choices"] = []
-                        yield _sse(chunk)
+                        last = {**completion_object(rid, model, "", None, chat, usage(len(job.prompt_ids),
+                                                                                    len(job.tokens)), chunk=True),
+                                **routed}
+                        last["choices"] = []
+                        yield _sse(last)
                     yield "data: [DONE]\n\n"
                     status = 200
                     break
@@ -340,9 +358,11 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
         return await handle(request, "chat", lambda req, p, rec, t: generate(req, p, rec, t, chat=True))
 
     # ------------------------------------------------------------------------------------ the rest
-    def model_card(s: ServedModel) -> dict[str, Any]:
-        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "hybridlm",
-                "layers": s.model.config.layers}
+    def model_card(s: ServedModel | ServedComposition) -> dict[str, Any]:
+        card = {"id": s.name, "object": "model", "created": s.created, "owned_by": "hybridlm"}
+        if isinstance(s, ServedComposition):
+            return {**card, "composition": s.card()}
+        return {**card, "layers": s.model.config.layers}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -399,7 +419,8 @@ def create_app(models: dict[str, HybridLM | ServedModel], auth: AuthConfig | Non
     async def metrics_endpoint(request: Request) -> Response:
         async def work(req, principal: Principal, record, t) -> Response:
             principal.require("metrics")
-            return PlainTextResponse(metrics.render(schedulers), media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(metrics.render(schedulers, expert_schedulers),
+                                     media_type="text/plain; version=0.0.4")
         return await handle(request, "metrics", work)
 
     @app.get("/health")

@@ -1,12 +1,13 @@
 """Audit log: one JSON line per request (served or refused), rotated by size, queryable.
 
-Each record holds ``time`` (UTC, ISO 8601), ``request_id``, ``method``, ``path``, ``endpoint``,
-``principal``, ``role``, ``auth`` (how the caller was identified), ``client``, ``model``, ``prompt``,
-``output``, ``prompt_tokens``, ``completion_tokens``, ``latency_ms``, ``status`` (HTTP status; 499 when the
-client went away mid-stream), ``finish_reason`` and ``error``. Credentials are never written: the server
-never passes the Authorization header here. A generation request is written twice: when it is admitted (with
-``"admitted": true`` and no status yet) and when it ends; ``query`` shows the admission only for a request that never
-ended (the server died first), so every admitted request stays visible and each request reads as one record.
+Each record holds ``time`` (UTC, ISO 8601), ``request_id``, ``method``, ``path``, ``endpoint``, ``principal``,
+``role``, ``auth`` (how the caller was identified), ``client``, ``model``, ``prompt``, ``output``, ``prompt_tokens``,
+``completion_tokens``, ``latency_ms``, ``status`` (HTTP status; 499 when the client went away mid-stream),
+``finish_reason`` and ``error``; a request to a composition of experts adds ``expert`` (the one that answered),
+``routed_expert``, ``confidence`` and ``fell_back``. Credentials are never written: the server never passes the
+Authorization header here. A generation request is written twice: when it is admitted (with ``"admitted": true`` and
+no status yet) and when it ends; ``query`` shows the admission only for a request that never ended (the server died
+first), so every admitted request stays visible and each request reads as one record.
 
 A caller decides what a prompt holds, so no caller may decide what the log loses:
 

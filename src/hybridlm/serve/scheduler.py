@@ -6,6 +6,10 @@ requests join (their prompt is prefilled alone, then their state is stacked into
 Each request samples with its own generator, so its tokens do not depend on its batch neighbours and equal
 ``model.generate`` with the same seed.
 
+Other work that needs the model's forward (a composition's router embedding a prompt with one of its experts)
+goes through ``call``: it runs on the model thread between two steps, so the rule "one thread calls the forward"
+has no exception, and no second copy of the weights is needed.
+
 Requests wait in a bounded queue; ``submit`` raises ``QueueFull`` when it is full (the server answers 429).
 Results go back through a callback, ``on_event(kind, payload)``, called on the model thread; the server turns
 it into an asyncio queue per request.
@@ -18,7 +22,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +53,8 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
 
+
+T = TypeVar("T")
 
 # on_event(kind, payload): ("text", str delta) per accepted piece of text, then exactly one of
 # ("done", GenerationRequest) or ("error", str message).
@@ -94,6 +102,7 @@ class Scheduler:
         self._waiting: deque[GenerationRequest] = deque()
         self._active: list[GenerationRequest] = []
         self._batch: InferenceState | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self._forward_guard = threading.Lock()
@@ -133,6 +142,19 @@ class Scheduler:
             self._waiting.append(request)
             self._cv.notify()
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn()`` on the model thread before its next step; its result (or exception) comes back through the
+        returned future (``asyncio.wrap_future`` awaits it). For work that runs the model outside a request: it
+        must never overlap the batch's forward (hooks, lazily built caches and the ``_forward`` guard assume one
+        caller). ``fn`` delays that step, so it should be short (one prompt's forward, not a generation)."""
+        future: Future[T] = Future()
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the scheduler is closed")
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -152,12 +174,20 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._waiting and not self._active:
+                    while not self._stop and not self._waiting and not self._active and not self._calls:
                         self._cv.wait()
                     if self._stop:
                         break
                     free = self.max_batch - len(self._active)
                     joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except Exception as e:  # noqa: BLE001 - the caller gets it; the batch goes on
+                            future.set_exception(e)
                 try:
                     self._step(joining)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail this batch, keep serving
@@ -169,6 +199,11 @@ class Scheduler:
             with self._cv:
                 leftover = [*self._active, *self._waiting]
                 self._waiting.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for _, future in calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError("the server is shutting down"))
             for request in leftover:
                 if request.finish_reason is None:
                     self._fail(request, "the server is shutting down")
