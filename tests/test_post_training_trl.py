@@ -54,7 +54,9 @@ def _trl_dpo(reference: Path, policy: Path, records: list[dict], loss_type: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(out), beta=beta, loss_type=[loss_type], per_device_train_batch_size=N_PAIRS,
+    kinds = loss_type.split("+")  # "sigmoid+sft": RPO, DPO plus the chosen tokens' NLL at weight 1
+    args = DPOConfig(output_dir=str(out), beta=beta, loss_type=kinds, loss_weights=[1.0] * len(kinds),
+                     per_device_train_batch_size=N_PAIRS,
                      max_length=64, report_to=[], use_cpu=True, bf16=False, router_aux_loss_coef=0.0,
                      dataset_num_proc=None)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), args=args,
@@ -94,7 +96,8 @@ def _ours_dpo(reference: Path, policy: Path, records: list[dict], loss_type: str
     source = PreferenceSource(pairs, pairs[:1], seq_len=64, pad_id=tokenizer.pad_token_id)
     batch = source.batch(source.train_pairs, list(range(len(pairs))), held_out=False)
     model = HybridLM.from_pretrained(policy).train()
-    objective = PreferenceObjective(PreferenceLoss(loss_type, beta),
+    kind, _, sft = loss_type.partition("+")
+    objective = PreferenceObjective(PreferenceLoss(kind, beta, sft_weight=1.0 if sft else 0.0),
                                     FrozenReference(HybridLM.from_pretrained(reference)), 0.0, "frozen")
     loss, metrics = objective.compute(model, batch)
     loss.backward()
@@ -107,7 +110,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = 1e-4) -> bool
     return float((ours - theirs).norm()) <= rtol * float(theirs.norm()) + 1e-7
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+sft"])
 def test_dpo_loss_rewards_and_gradients_equal_trl(checkpoints, loss_type, tmp_path):
     kind, reference, policy = checkpoints
     records = preference_records(N_PAIRS)

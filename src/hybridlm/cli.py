@@ -190,7 +190,8 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
     _post_training(args, lambda **kw: run_dpo(
         args.model, args.data, args.out, eval_data=args.eval_data, loss=args.loss, beta=args.beta,
-        label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, reference=args.reference,
+        label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, sft_weight=args.sft_weight,
+        reference=args.reference,
         merge=args.merge, resume=args.resume, progress=not args.no_progress, **kw))
 
 
@@ -541,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help="the loss's beta (default 0.1)")
     p.add_argument("--label-smoothing", type=float, help="robust: the assumed share of flipped labels (default 0)")
     p.add_argument("--simpo-gamma", type=float, help="simpo: the target reward margin (default 0.5)")
+    p.add_argument("--sft-weight", type=float, help="add this times the chosen tokens' mean NLL (RPO; default 0)")
     p.add_argument("--reference", help="frozen (a copy of MODEL; the default), precomputed (its log-probs, computed "
                                        "once: one model in memory) or adapter (with --lora; its default)")
     _add_train_settings(p, "default 8; defaults: 200 steps, lr 1e-5, seq-len 512")

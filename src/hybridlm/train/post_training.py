@@ -38,7 +38,8 @@ SFT_DEFAULTS = {"steps": 200, "lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.
                 "eval_every": 50, "eval_batches": 50}
 DPO_DEFAULTS = {**SFT_DEFAULTS, "lr": 1e-5}
 # The preference loss when neither the call nor a resumed run names it (TRL's DPOConfig defaults).
-DPO_LOSS_DEFAULTS = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5}
+DPO_LOSS_DEFAULTS = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5,
+                     "sft_weight": 0.0}
 
 
 @dataclass
@@ -152,21 +153,23 @@ def run_sft(model: str | Path | None, data: str | Path | None, out: str | Path |
 
 def run_dpo(model: str | Path | None, data: str | Path | None, out: str | Path | None = None,
             eval_data: str | Path | None = None, loss: str | None = None, beta: float | None = None,
-            label_smoothing: float | None = None, simpo_gamma: float | None = None, reference: str | None = None,
-            settings: dict[str, Any] | None = None, lora: LoraSettings | None = None, merge: bool = False,
-            resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+            label_smoothing: float | None = None, simpo_gamma: float | None = None, sft_weight: float | None = None,
+            reference: str | None = None, settings: dict[str, Any] | None = None, lora: LoraSettings | None = None,
+            merge: bool = False, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
     """Preference optimisation of the checkpoint ``model`` on ``data`` (pairs), with ``loss`` and ``beta``.
 
     ``reference``: ``frozen`` (a copy of the starting model), ``precomputed`` (its log-probs, computed once) or
-    ``adapter`` (with LoRA: the base weights, the adapter disabled; the default with LoRA). A resumed run keeps the
+    ``adapter`` (with LoRA: the base weights, the adapter disabled; the default with LoRA). ``sft_weight``: adds
+    that times the chosen tokens' mean NLL (RPO; 0, the default, is plain DPO). A resumed run keeps the
     loss, its hyperparameters and the reference it was started with, unless given again."""
     start, train_records, eval_records, description, lora, out, state = _run(
         "dpo", model, data, out, resume, eval_data, lora, {})
     saved = (state or {}).get("post_training", {}).get("preference", {})
     given = {"loss": loss, "beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
-             "reference": reference}
+             "sft_weight": sft_weight, "reference": reference}
     chosen = {k: v if v is not None else saved.get(k, DPO_LOSS_DEFAULTS.get(k)) for k, v in given.items()}
-    preference_loss = PreferenceLoss(chosen["loss"], chosen["beta"], chosen["label_smoothing"], chosen["simpo_gamma"])
+    preference_loss = PreferenceLoss(chosen["loss"], chosen["beta"], chosen["label_smoothing"], chosen["simpo_gamma"],
+                                     chosen["sft_weight"])
     reference = chosen["reference"] or ("adapter" if lora is not None else "frozen")
     if reference not in REFERENCES:
         raise ValueError(f"--reference: expected one of {list(REFERENCES)}, got {reference!r}")

@@ -116,6 +116,8 @@ class PreferenceObjective:
         losses, rewards_c, rewards_r = self.loss(sums[:n], sums[n:], counts[:n], counts[n:],
                                                  None if ref is None else ref[:n], None if ref is None else ref[n:])
         loss = losses.mean()
+        if self.loss.sft_weight:
+            loss = loss + self.loss.sft_weight * self.loss.sft_loss(sums[:n], counts[:n])
         metrics = {"loss": loss.detach(), "rewards/chosen": rewards_c.mean(), "rewards/rejected": rewards_r.mean(),
                    "rewards/accuracies": (rewards_c > rewards_r).float().mean(),
                    "rewards/margins": (rewards_c - rewards_r).mean(),

@@ -12,6 +12,10 @@ With the log-ratios r_c = chosen - ref_chosen, r_r = rejected - ref_rejected and
 - ``orpo`` (Hong et al. 2024, no reference): -a_c + β·(-log σ(log odds(y_c) - log odds(y_r))),
   odds(y) = p/(1-p) with p = exp(a); the first term is the SFT loss on the chosen completion.
 
+``sft_weight`` w adds w times the chosen completions' mean token NLL to any of them (RPO, Pang et al. 2024,
+"Iterative Reasoning Preference Optimization"; TRL: ``loss_type=[kind, "sft"]``, ``loss_weights=[1, w]``): DPO alone
+can lower the chosen completions' likelihood with the rejected ones', and the NLL keeps it up.
+
 Rewards (TRL's ``rewards/*``): β·r for the losses with a reference, β·a for SimPO and ORPO.
 """
 
@@ -34,6 +38,7 @@ class PreferenceLoss:
     beta: float = 0.1
     label_smoothing: float = 0.0  # robust only
     simpo_gamma: float = 0.5  # simpo only: the target reward margin γ
+    sft_weight: float = 0.0  # w · mean NLL of the chosen tokens, added to the batch's loss (RPO)
 
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
@@ -42,6 +47,8 @@ class PreferenceLoss:
             raise ValueError(f"beta: expected a positive number, got {self.beta!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing!r}")
+        if not (isinstance(self.sft_weight, int | float) and self.sft_weight >= 0):
+            raise ValueError(f"sft_weight: expected a number >= 0, got {self.sft_weight!r}")
         if self.label_smoothing and self.kind != "robust":
             raise ValueError(f"label_smoothing: only the robust loss uses it, not {self.kind!r}")
 
@@ -77,3 +84,7 @@ class PreferenceLoss:
             eps = self.label_smoothing
             loss = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
         return loss, beta * ratio_c.detach(), beta * ratio_r.detach()
+
+    def sft_loss(self, chosen: torch.Tensor, chosen_len: torch.Tensor) -> torch.Tensor:
+        """The batch's mean NLL per chosen completion token, as TRL's ``sft`` loss: (n,), (n,) -> ()"""
+        return -chosen.sum() / chosen_len.sum().clamp(min=1)
