@@ -117,6 +117,10 @@ def test_each_loss_equals_its_formula():
         PreferenceLoss("kto")
     with pytest.raises(ValueError, match="label_smoothing: only the robust loss"):
         PreferenceLoss("sigmoid", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="sft_weight: expected a number >= 0, got -1"):
+        PreferenceLoss("sigmoid", sft_weight=-1)
+    # RPO's term: the batch's chosen tokens' mean NLL (a token-mean, as TRL's, not a mean of per-pair means)
+    assert float(PreferenceLoss(sft_weight=1.0).sft_loss(c, lc)) == pytest.approx(float(-c.sum() / lc.sum()))
 
 
 def test_padded_log_probs_equal_each_sequence_alone():
