@@ -14,7 +14,14 @@ from hybridlm.data.statement_pairs import completes_statement, corrupt_last_clos
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
 from hybridlm.train.preference import sequence_logps
-from hybridlm.train.preference_demo import PreferenceDemoSettings, measure, run_preference_demo, sign_test
+from hybridlm.train.preference_demo import (
+    PreferenceDemoSettings,
+    continue_prompts,
+    measure,
+    own_continuation_pairs,
+    run_preference_demo,
+    sign_test,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,5 +113,28 @@ def test_the_demo_runs_small(tmp_path):
         assert 0 <= row[when]["statement_rate"] <= 1 and 0 <= row[when]["prefers_chosen"] <= 1
     assert math.isfinite(row["pretrain_final_loss"])
     assert (tmp_path / "mamba" / "dpo" / "checkpoint").is_dir()
+    own = row["own_pairs"]
+    assert own["pairs"] == own["all_fail"] + own["mixed"] and sum(own.values()) - own["pairs"] == 32
+    dpo_records = (tmp_path / "mamba" / "pairs_dpo.jsonl").read_text().splitlines()
+    assert len(dpo_records) == 32 + own["pairs"]  # the corrupted pairs and the model's own
     records = [json.loads(line) for line in (tmp_path / "pairs_eval.jsonl").read_text().splitlines()]
     assert len(records) == 16 and set(records[0]) == {"prompt", "chosen", "rejected"}
+
+
+def test_own_continuation_pairs_prefer_what_completes_the_statement():
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("mamba-tiny")).eval()  # random weights: most continuations fail
+    tokenizer = ByteTokenizer()
+    pairs, _ = statement_pairs(default_corpus_files(), 12, 1, seed=1)
+    own, counts = own_continuation_pairs(model, tokenizer, pairs, samples=2, temperature=1.0, max_new_tokens=8)
+    assert sum(counts.values()) == len(pairs) and len(own) == counts["all_fail"] + counts["mixed"]
+    assert counts["all_fail"] > 0
+    prompts = {p.prompt: p for p in pairs}
+    for pair in own:
+        assert completes_statement(pair.prompt, pair.chosen) and not completes_statement(pair.prompt, pair.rejected)
+        if prompts[pair.prompt].chosen != pair.chosen:  # the model's own line that parses, not the true one
+            own_lines = [continue_prompts(model, tokenizer, [pair.prompt], 8, t, seed=s)[0]
+                         for t, s in ((0.0, None), (1.0, 0), (1.0, 1))]
+            assert pair.chosen in own_lines
+    again, _ = own_continuation_pairs(model, tokenizer, pairs, samples=2, temperature=1.0, max_new_tokens=8)
+    assert [p.record() for p in again] == [p.record() for p in own]  # seeded: the same pairs in any batch
