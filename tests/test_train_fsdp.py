@@ -10,7 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-import torch
+from weight_checks import assert_adam_weights_match
 
 from hybridlm import HybridLM
 
@@ -52,15 +52,15 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     sharded = HybridLM.from_pretrained(fsdp / "checkpoint")  # consolidated: a plain load, no process group
     plain = HybridLM.from_pretrained(one / "checkpoint")
     assert sharded.lm_head.weight is sharded.embedding.weight or not sharded.config.tie_embeddings
-    for a, b in zip(sharded.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)  # as the DDP test: Adam amplifies sum-order noise
+    assert_adam_weights_match(sharded, plain, lr=3e-3, steps=4)
 
 
 def test_fsdp_on_a_hybrid_with_moe_matches_ddp(tmp_path):
-    # jamba-tiny: Mamba, attention and MoE blocks. Its losses equal DDP's exactly; both differ from one process
-    # with the whole batch by ~1e-5 because each process computes the MoE balance loss on its own half-batch.
+    # jamba-tiny: Mamba, attention and MoE blocks. Its losses equal DDP's up to summation order (bitwise on AMD
+    # EPYC, 4.8e-7 apart at step 1 on an Intel Xeon); both differ from one process with the whole batch by ~1e-5
+    # because each process computes the MoE balance loss on its own half-batch.
     args = ["--preset", "jamba-tiny", *ARGS[2:], "--steps", "3", "--batch-size", "2"]
     _cli([*args, "--fsdp", "--out", str(tmp_path / "fsdp")], nproc=2)
     _cli([*args, "--out", str(tmp_path / "ddp")], nproc=2)
-    assert _losses(tmp_path / "fsdp") == _losses(tmp_path / "ddp")
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), _losses(tmp_path / "ddp"), rtol=1e-6, atol=0)
     HybridLM.from_pretrained(tmp_path / "fsdp" / "checkpoint")
