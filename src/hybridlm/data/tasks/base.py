@@ -13,8 +13,9 @@ IGNORE = -100  # label of positions that are not scored (the model's cross-entro
 @dataclass
 class TaskBatch:
     """``input_ids`` (b, length) int64; ``labels`` (b, length): ``IGNORE`` except at answer positions, where it
-    is the token itself. As for ``HybridLM.forward``, the output at position t - 1 is scored on ``labels[:, t]``,
-    so an answer is predicted from everything before it."""
+    is the answer: the token itself where the answer is part of the text (induction heads, selective copying), or
+    a token the input does not show (MQAR's queried values). As for ``HybridLM.forward``, the output at position
+    t - 1 is scored on ``labels[:, t]``, so an answer is predicted from everything before it."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -36,14 +37,13 @@ class Task:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         tokens = np.empty((batch_size, length), dtype=np.int64)
-        answer = np.zeros((batch_size, length), dtype=bool)
+        labels = np.empty((batch_size, length), dtype=np.int64)
         for i in range(batch_size):
-            tokens[i], answer[i] = self._generate(length, rng)
-        labels = np.where(answer, tokens, IGNORE)
+            tokens[i], labels[i] = self._generate(length, rng)
         return TaskBatch(torch.from_numpy(tokens), torch.from_numpy(labels))
 
     def _generate(self, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        # -> tokens (length,) int64, is_answer (length,) bool
+        # -> input tokens (length,) int64, labels (length,) int64: IGNORE except at the answers
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hybridlm.data.tasks.base import Task
+from hybridlm.data.tasks.base import IGNORE, Task
 
 
 class InductionHeads(Task):
@@ -50,6 +50,6 @@ class InductionHeads(Task):
             body[p] = self.trigger
             body[p + 1 : p + 1 + k] = copied
         tokens = np.concatenate([body, [self.trigger], copied])
-        answer = np.zeros(length, dtype=bool)
-        answer[-k:] = True
-        return tokens, answer
+        labels = np.full(length, IGNORE, dtype=np.int64)
+        labels[-k:] = tokens[-k:]
+        return tokens, labels

@@ -1,23 +1,29 @@
-"""Multi-query associative recall (Zoology, Arora et al. 2023, arXiv 2312.04927): key-value pairs first, then
-each key asked again later, among filler; after a queried key the model must produce that key's value.
+"""Multi-query associative recall (Zoology, Arora et al. 2023, arXiv 2312.04927), in Zoology's format: key-value
+pairs first, then each key asked again later among filler; after a queried key the model must produce that key's
+value, which the input never shows there (the slot after the key holds filler, the value is only the label).
 Keys come from the first half of the vocabulary, values from the second (token 0 is the filler).
 
-    k1 v1 k2 v2 k3 v3 | 0 0 k2 v2 0 k1 v1 0 0 0 k3 v3 0
-                               └answer  └answer     └answer
+    input:  k1 v1 k2 v2 k3 v3 | 0 0 k2 0 0 k1 0 0 0 0 k3 0 0
+    labels:                          v2      v1          v3
+
+Why the value stays out of the input: with it written after each query (as text would read), earlier answers
+narrow the candidates for later ones, and a Transformer settles on that shortcut instead of recall. With 4 pairs,
+guessing among the values not yet answered scores (1/4 + 1/3 + 1/2 + 1) / 4 = 52%, where a 2-layer Transformer
+(d_model 64) sat for 3,000 steps of 64 and 450 of 256; in this format it reached 99% in 750 steps of 256.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hybridlm.data.tasks.base import Task
+from hybridlm.data.tasks.base import IGNORE, Task
 
 
 class MQAR(Task):
-    """``n_pairs`` distinct keys from ``1 .. vocab_size/2 - 1``, values from ``vocab_size/2 .. vocab_size-1``
-    (drawn with replacement, as different keys may share a value). Each key is queried once, in random order,
-    at random places in the rest of the sequence; the queried value follows its key in the input, so the
-    sequence reads like text and the next query's answer is never given away."""
+    """``n_pairs`` distinct keys from ``1 .. vocab_size/2 - 1`` and distinct values from ``vocab_size/2 ..
+    vocab_size-1`` (Zoology draws both without replacement). Each key is queried once, in random order, at
+    uniformly random places in the rest of the sequence (Zoology draws the gaps from a power law that favours early
+    queries; uniform places make long-range recall count as much as short)."""
 
     name = "mqar"
     params = ("vocab_size", "n_pairs")
@@ -36,7 +42,7 @@ class MQAR(Task):
     def _generate(self, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         n, half = self.n_pairs, self.vocab_size // 2
         keys = rng.choice(np.arange(1, half), size=n, replace=False)
-        values = rng.integers(half, self.vocab_size, size=n)
+        values = rng.choice(np.arange(half, self.vocab_size), size=n, replace=False)
         tokens = np.full(length, self.filler, dtype=np.int64)
         tokens[0 : 2 * n : 2], tokens[1 : 2 * n : 2] = keys, values
         # n query slots of two tokens each in the rest: choose n slot starts among the free positions
@@ -44,7 +50,7 @@ class MQAR(Task):
         free = length - 2 * n
         starts = np.sort(rng.choice(free - n, size=n, replace=False)) + np.arange(n) + 2 * n
         order = rng.permutation(n)
-        tokens[starts], tokens[starts + 1] = keys[order], values[order]
-        answer = np.zeros(length, dtype=bool)
-        answer[starts + 1] = True
-        return tokens, answer
+        tokens[starts] = keys[order]  # the slot after the key keeps the filler
+        labels = np.full(length, IGNORE, dtype=np.int64)
+        labels[starts + 1] = values[order]
+        return tokens, labels

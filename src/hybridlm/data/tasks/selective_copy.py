@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hybridlm.data.tasks.base import Task
+from hybridlm.data.tasks.base import IGNORE, Task
 
 
 class SelectiveCopy(Task):
@@ -37,6 +37,6 @@ class SelectiveCopy(Task):
         body = np.full(body_len, self.noise, dtype=np.int64)
         body[np.sort(rng.choice(body_len, size=n, replace=False))] = data
         tokens = np.concatenate([body, [self.separator], data])
-        answer = np.zeros(length, dtype=bool)
-        answer[-n:] = True
-        return tokens, answer
+        labels = np.full(length, IGNORE, dtype=np.int64)
+        labels[-n:] = tokens[-n:]
+        return tokens, labels
