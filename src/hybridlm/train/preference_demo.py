@@ -55,7 +55,7 @@ FLOOR_ACCURACY = 0.9  # the issue's bound on held-out rewards/accuracies after D
 
 @dataclass
 class PreferenceDemoSettings:
-    """Sizes of the demo; the defaults are the full run (about 15 minutes on two cores)."""
+    """Sizes of the demo; the defaults are the full run (36 minutes on one thread beside other jobs)."""
 
     families: tuple[str, ...] = tuple(FAMILIES)
     train_pairs: int = 2000
