@@ -200,8 +200,12 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
     config = family_config(family, d_model, settings.n_layers, task.vocab_size)
     scale = FAMILIES[family].get("batch_scale", 1)
     steps, batch_size = max(1, settings.steps // scale), settings.batch_size * scale
+    # The warm-up stays in steps, not tokens: it lets Adam's moment estimates settle, which takes steps whatever the
+    # batch. On MQAR (4 pairs, d_model 64, 600 steps of 256) the Transformer with 25 warm-up steps stayed on the
+    # plateau of guessing among the 4 values (accuracy 25%, at lr 3e-3 and 1e-2, 8 heads or 1); with 100 it
+    # reached 99.8% (two seeds, constant or cosine lr).
     train_config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=settings.train_length,
-                               lr=settings.lr, warmup_steps=max(1, settings.warmup_steps // scale),
+                               lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps),
                                seed=settings.seed, eval_every=0, eval_batches=2, log_every=max(1, steps // 20),
                                weight_decay=settings.weight_decay, beta2=0.98)
     source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.short_length,
