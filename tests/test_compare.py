@@ -80,6 +80,16 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
         compare(CompareSettings.quick(widths=[0]), tmp_path / "bad", progress=False)
 
 
+def test_heads_option_sets_every_attention_family_and_is_checked():
+    from hybridlm.compare import CompareSettings
+
+    assert family_config("transformer", 64, 2, 16).n_heads == 8  # head_dim 8 by default
+    for family in ("transformer", "hybrid", "gla", "sliding_window"):
+        assert family_config(family, 64, 2, 16, n_heads=1).n_heads == 1
+    with pytest.raises(ValueError, match=r"n_heads: expected a positive divisor of every width \(d_model 48\), got 5"):
+        CompareSettings(widths=[40, 48], n_heads=5).validate()
+
+
 def test_families_are_matched_in_size():
     from hybridlm import HybridLM
 

@@ -373,7 +373,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_lengths": ints(args.lengths), "eval_samples": args.samples, "contexts": ints(args.contexts),
              "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay,
-             "widths": ints(args.widths), "task_params": _task_params(args.task_param)}
+             "widths": ints(args.widths), "n_heads": args.heads, "task_params": _task_params(args.task_param)}
     given = {k: v for k, v in given.items() if v is not None}
     settings = CompareSettings.quick(**given) if args.quick else CompareSettings(**given)
     results = compare(settings, args.out, progress=not args.no_progress)
@@ -571,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "width, as Zoology)")
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layers", type=int)
+    p.add_argument("--heads", type=int, help="attention heads (default d_model // 8; Zoology's MQAR runs use 1)")
     p.add_argument("--train-length", type=int, help="training sequence length (default 256)")
     p.add_argument("--short-length", type=int, help="length of the curriculum's first steps (default 64)")
     p.add_argument("--short-steps", type=int, help="steps at the short length (default 2000; 0: none)")
