@@ -4,14 +4,13 @@ process with the whole batch, checkpoints hold no pickle, and bad input fails be
 import json
 import os
 import signal
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch_cli import run_cli
 from weight_checks import assert_adam_weights_match
 
 from hybridlm import HybridLM, ModelConfig
@@ -99,13 +98,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
 
 
 def _cli_train(args, out, nproc=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                 "-m", "hybridlm.cli"] if nproc > 1 else [sys.executable, "-m", "hybridlm.cli"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "train", *args, "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-4000:]}"
-                                 f"\nstderr:\n{done.stderr[-8000:]}")
+    run_cli(["train", *args, "--out", str(out)], nproc)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r], HybridLM.from_pretrained(out / "checkpoint")
 

@@ -3,19 +3,16 @@ losses as one process with the whole batch, resume under FSDP, and write a conso
 ``HybridLM.from_pretrained`` reads."""
 
 import json
-import os
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
+from launch_cli import run_cli
 from weight_checks import assert_adam_weights_match
 
 from hybridlm import HybridLM
 
 TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
-SRC = Path(__file__).resolve().parents[1] / "src"
 # Warm-up 1: the learning rate of steps 0 and 1 does not depend on the total steps, so a run of 2 steps resumed
 # to 4 follows the schedule of a run of 4.
 ARGS = ["--preset", "llama-tiny", "--data", str(TEXT), "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "1",
@@ -23,14 +20,7 @@ ARGS = ["--preset", "llama-tiny", "--data", str(TEXT), "--seq-len", "32", "--lr"
 
 
 def _cli(args, nproc=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                 "-m", "hybridlm.cli"] if nproc > 1 else [sys.executable, "-m", "hybridlm.cli"])
-    # the processes import this checkout's hybridlm, whatever is installed
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run([*launcher, "train", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-4000:]}"
-                                  f"\nstderr:\n{done.stderr[-8000:]}")
+    run_cli(["train", *args], nproc)
 
 
 def _losses(out):

@@ -7,7 +7,11 @@ DistributedDataParallel, which averages gradients across processes after every b
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +44,33 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroy the group this process joined, and free it. Gloo's threads stop only when the group object is
+        freed, and one still running at interpreter exit can abort the process after a successful run
+        ("terminate called without an active exception"); DTensor's caches (FSDP's parameters are DTensors) keep
+        device meshes, and through them the group, alive after ``destroy_process_group``."""
+        if not (self.initialized_here and dist.is_initialized()):
+            return
+        _clear_dtensor_caches()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty the caches of ``torch.distributed.tensor`` that hold device meshes: the functools caches of its
+    modules, the redistribution planners and the C++ sharding-propagation cache (torch 2.13; a torch without
+    one of them has nothing there to free)."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor was made (DDP): nothing cached
+        return
+    for obj in gc.get_objects():
+        if (isinstance(obj, functools._lru_cache_wrapper)
+                and str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor")):
+            obj.cache_clear()
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+        clear_redistribute_planner_cache()
+    with contextlib.suppress(AttributeError):
+        torch._C._clear_DTensor_sharding_propagator_cache()
 
 
 def setup(device: str | None = None) -> Distributed:

@@ -93,6 +93,17 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[HybridLM
     return plain, groups, tensors
 
 
+def consolidate(model: nn.Module) -> HybridLM | None:
+    """Collective: the trained model as a plain CPU ``HybridLM`` on the main process (None elsewhere), so that
+    nothing outlives training that needs the process group (a sharded module's parameters hold its mesh)."""
+    weights = get_model_state_dict(model, options=_FULL_ON_CPU)
+    if not weights:
+        return None
+    plain = HybridLM(model.config)
+    plain.load_state_dict(weights)
+    return plain
+
+
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]],
                    tensors: dict[str, torch.Tensor]) -> None:
     """Fill the sharded ``optimizer`` from a consolidated checkpoint's groups and tensors (each process takes its

@@ -44,7 +44,9 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # a HybridLM (with its LoRA adapter when trained with one)
+    # a HybridLM (with its LoRA adapter when trained with one); under FSDP the consolidated model on the main
+    # process and None on the others
+    model: nn.Module | None
     out_dir: Path
     step: int  # steps completed
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics lines of this process's run
@@ -280,6 +282,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
         save(config.steps)
     elapsed = time.perf_counter() - t_start
     ran = config.steps - start
+    if sharded:  # the shards die with the process group; the caller gets the whole model (on the main process)
+        model = fsdp.consolidate(model)
     return TrainResult(model=model, out_dir=out_dir, step=config.steps, history=history,
                        train_tokens_per_s=ran * tokens_per_step / elapsed if ran and elapsed > 0 else 0.0)
 
