@@ -90,6 +90,16 @@ def test_heads_option_sets_every_attention_family_and_is_checked():
         CompareSettings(widths=[40, 48], n_heads=5).validate()
 
 
+def test_short_length_matters_only_with_short_steps():
+    from hybridlm.compare import CompareSettings
+
+    # 32 pairs need 128 tokens: the default short_length (64) is fine when no step is short
+    long_only = dict(task="mqar", task_params={"n_pairs": 32, "vocab_size": 256}, train_length=128)
+    CompareSettings(**long_only, short_steps=0).validate()
+    with pytest.raises(ValueError, match="needs sequences of at least 128 tokens, got 64"):
+        CompareSettings(**long_only, short_steps=10).validate()
+
+
 def test_families_are_matched_in_size():
     from hybridlm import HybridLM
 

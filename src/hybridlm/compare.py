@@ -135,8 +135,14 @@ class CompareSettings:
             if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
                 raise ValueError(f"{name}: expected positive integers, got {values}")
         # a specific error for an unknown task, a too short length or a bad curriculum
-        TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.short_length,
+        TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.curriculum_length,
                    short_steps=self.short_steps)
+
+    @property
+    def curriculum_length(self) -> int | None:
+        """The length of the curriculum's first steps; None without them (``short_steps`` 0), whatever
+        ``short_length`` says."""
+        return self.short_length if self.short_steps else None
 
 
 def family_config(family: str, d_model: int, n_layers: int, vocab_size: int, n_heads: int | None = None
@@ -220,7 +226,7 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
                                lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps),
                                seed=settings.seed, eval_every=0, eval_batches=2, log_every=max(1, steps // 20),
                                weight_decay=settings.weight_decay, beta2=0.98)
-    source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.short_length,
+    source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.curriculum_length,
                         short_steps=settings.short_steps // scale)
     if progress:
         print(f"[{name}] {config.summary()}; {steps} steps of {batch_size} sequences", file=sys.stderr)
