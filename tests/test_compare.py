@@ -80,6 +80,38 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
         compare(CompareSettings.quick(widths=[0]), tmp_path / "bad", progress=False)
 
 
+def test_compare_sweeps_learning_rates_and_keeps_the_best(tmp_path):
+    from hybridlm.compare import CompareSettings, compare
+
+    settings = CompareSettings.quick(families=["transformer", "mamba2"], lrs=[1e-4, 3e-2], isolate=True, workers=2)
+    results = compare(settings, tmp_path / "cmp", progress=False)
+    assert [f["family"] for f in results["families"]] == ["transformer", "mamba2"]  # one result per family
+    for f in results["families"]:
+        assert set(f["lr_sweep"]) == {"0.0001", "0.03"}
+        mean = sum(f["accuracy"].values()) / len(f["accuracy"])
+        assert f["lr_sweep"][f"{f['lr']:g}"] == mean == max(f["lr_sweep"].values())
+        for lr in ("0.0001", "0.03"):  # every rate was trained and kept
+            assert (tmp_path / "cmp" / "runs" / f"{f['family']}-lr{lr}" / "checkpoint" / "model.safetensors").is_file()
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "the best of lr 0.0001, 0.03 per family" in report and "mean accuracy by lr" in report
+    with pytest.raises(ValueError, match=r"lrs: expected learning rates in \(0, 1\), got \[0.001, 0\]"):
+        CompareSettings(lrs=[1e-3, 0]).validate()
+
+
+def test_best_runs_prefers_accuracy_then_loss():
+    from hybridlm.compare import best_runs
+
+    def run(family, d_model, lr, accuracy, loss):
+        return {"family": family, "d_model": d_model, "lr": lr, "accuracy": {"64": accuracy, "128": accuracy},
+                "final_train_loss": loss}
+
+    chosen = best_runs([run("gla", 32, 1e-3, 0.5, 0.1), run("gla", 32, 3e-3, 0.9, 0.9), run("gla", 64, 1e-3, 1.0, 0.2),
+                        run("gla", 64, 3e-3, 1.0, 0.1), run("based", 32, 1e-3, 0.2, 0.3)])
+    assert [(r["family"], r["d_model"], r["lr"]) for r in chosen] == [("gla", 32, 3e-3), ("gla", 64, 3e-3),
+                                                                       ("based", 32, 1e-3)]
+    assert chosen[0]["lr_sweep"] == {"0.001": 0.5, "0.003": 0.9}
+
+
 def test_heads_option_sets_every_attention_family_and_is_checked():
     from hybridlm.compare import CompareSettings
 

@@ -367,13 +367,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
     def ints(text: str | None) -> list[int] | None:
         return None if text is None else [int(x) for x in text.split(",") if x.strip()]
 
+    def floats(text: str | None) -> list[float] | None:
+        try:
+            return None if text is None else [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"lrs: expected comma-separated numbers, got {text!r}") from None
+
     given = {"task": args.task, "families": None if args.families is None else args.families.split(","),
              "d_model": args.d_model, "n_layers": args.n_layers, "train_length": args.train_length,
              "steps": args.steps, "short_length": args.short_length, "short_steps": args.short_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_lengths": ints(args.lengths), "eval_samples": args.samples, "contexts": ints(args.contexts),
              "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay,
-             "widths": ints(args.widths), "n_heads": args.heads, "task_params": _task_params(args.task_param)}
+             "widths": ints(args.widths), "lrs": floats(args.lrs), "n_heads": args.heads,
+             "task_params": _task_params(args.task_param)}
     given = {k: v for k, v in given.items() if v is not None}
     settings = CompareSettings.quick(**given) if args.quick else CompareSettings(**given)
     results = compare(settings, args.out, progress=not args.no_progress)
@@ -579,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "4x the batch: the same tokens)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lrs", help="comma-separated learning rates: train every run at each and report the best "
+                                 "(Zoology reports the best of 4 per width)")
     p.add_argument("--seed", type=int)
     p.add_argument("--lengths", help="comma-separated evaluation lengths")
     p.add_argument("--samples", type=int, help="evaluation sequences per length")

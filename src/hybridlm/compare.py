@@ -97,6 +97,10 @@ class CompareSettings:
     steps: int = 5000
     batch_size: int = 4
     lr: float = 3e-3
+    # Train every run at each of these learning rates in place of lr and keep the best (mean accuracy over the
+    # evaluation lengths, then the lower final loss): Zoology reports the best of 4 learning rates per width
+    # (np.logspace(-4, -2, 4) in its MQAR sweeps), since escaping recall's plateau hinges on it.
+    lrs: list[float] | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 100
     seed: int = 0
@@ -134,6 +138,9 @@ class CompareSettings:
                 continue
             if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
                 raise ValueError(f"{name}: expected positive integers, got {values}")
+        if self.lrs is not None and (not self.lrs or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                          or not 0 < v < 1 for v in self.lrs)):
+            raise ValueError(f"lrs: expected learning rates in (0, 1), got {self.lrs}")
         # a specific error for an unknown task, a too short length or a bad curriculum
         TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.curriculum_length,
                    short_steps=self.short_steps)
@@ -197,24 +204,44 @@ def _eval_batch(length: int) -> int:
     return max(1, min(16, 32768 // length))
 
 
-def runs(settings: CompareSettings) -> list[tuple[str, int]]:
-    """The (family, d_model) pairs to train: each family at ``d_model``, or at each of ``widths``."""
-    return [(f, w) for w in (settings.widths or [settings.d_model]) for f in settings.families]
+def runs(settings: CompareSettings) -> list[tuple[str, int, float]]:
+    """The (family, d_model, lr) runs to train: each family at ``d_model`` (or each of ``widths``) and ``lr`` (or
+    each of ``lrs``)."""
+    return [(f, w, lr) for w in (settings.widths or [settings.d_model]) for f in settings.families
+            for lr in (settings.lrs or [settings.lr])]
 
 
-def run_name(family: str, d_model: int, settings: CompareSettings) -> str:
-    """The run's directory and key: the family, with its width when the comparison sweeps widths."""
-    return f"{family}-d{d_model}" if settings.widths else family
+def run_name(family: str, d_model: int, settings: CompareSettings, lr: float | None = None) -> str:
+    """The run's directory and key: the family, with its width and learning rate when the comparison sweeps them."""
+    name = f"{family}-d{d_model}" if settings.widths else family
+    return f"{name}-lr{lr:g}" if settings.lrs else name
+
+
+def best_runs(trained: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (family, width), in first-seen order: the learning rate with the best mean accuracy over
+    the evaluation lengths (then the lower final loss); each carries ``lr_sweep``, every rate's mean accuracy."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in trained:
+        groups.setdefault((r["family"], r["d_model"]), []).append(r)
+
+    def mean_accuracy(r: dict[str, Any]) -> float:
+        return sum(r["accuracy"].values()) / len(r["accuracy"])
+
+    chosen = []
+    for group in groups.values():
+        best = max(group, key=lambda r: (mean_accuracy(r), -(r["final_train_loss"] or 0.0)))
+        chosen.append({**best, "lr_sweep": {f"{r['lr']:g}": mean_accuracy(r) for r in group}})
+    return chosen
 
 
 def train_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True,
-                 d_model: int | None = None) -> tuple[HybridLM, dict[str, Any]]:
-    """Train ``family`` (at width ``d_model``, default ``settings.d_model``) on the task and score it at every
-    evaluation length; returns the model and its results (the run, with its checkpoint, is written to
-    ``out_dir / run_name(...)``)."""
+                 d_model: int | None = None, lr: float | None = None) -> tuple[HybridLM, dict[str, Any]]:
+    """Train ``family`` (at width ``d_model`` and learning rate ``lr``, default ``settings.d_model`` and
+    ``settings.lr``) on the task and score it at every evaluation length; returns the model and its results (the
+    run, with its checkpoint, is written to ``out_dir / run_name(...)``)."""
     task = get_task(settings.task, **settings.task_params)
-    d_model = d_model or settings.d_model
-    name = run_name(family, d_model, settings)
+    d_model, lr = d_model or settings.d_model, lr or settings.lr
+    name = run_name(family, d_model, settings, lr)
     config = family_config(family, d_model, settings.n_layers, task.vocab_size, settings.n_heads)
     scale = FAMILIES[family].get("batch_scale", 1)
     steps, batch_size = max(1, settings.steps // scale), settings.batch_size * scale
@@ -223,7 +250,7 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
     # plateau of guessing among the 4 values (accuracy 25%, at lr 3e-3 and 1e-2, 8 heads or 1); with 100 it
     # reached 99.8% (two seeds, constant or cosine lr).
     train_config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=settings.train_length,
-                               lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps),
+                               lr=lr, warmup_steps=min(settings.warmup_steps, steps),
                                seed=settings.seed, eval_every=0, eval_batches=2, log_every=max(1, steps // 20),
                                weight_decay=settings.weight_decay, beta2=0.98)
     source = TaskSource(task, settings.train_length, seed=settings.seed, short_length=settings.curriculum_length,
@@ -243,7 +270,7 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
         accuracy[str(length)] = s.accuracy
     eval_s = time.perf_counter() - t
     return model, {
-        "family": family, "run": name, "d_model": d_model, "label": LABELS[family], "layers": config.layers,
+        "family": family, "run": name, "d_model": d_model, "lr": lr, "label": LABELS[family], "layers": config.layers,
         "ffn": config.ffn_pattern,
         "config": config.to_dict(), "parameters": model.num_parameters(),
         "train_steps": steps, "train_batch_size": batch_size,
@@ -262,13 +289,6 @@ def measure_family(model: HybridLM, settings: CompareSettings) -> dict[str, Any]
     }
 
 
-def run_family(family: str, settings: CompareSettings, out_dir: Path, progress: bool = True,
-               d_model: int | None = None) -> dict[str, Any]:
-    """Train, score and measure one family (at width ``d_model``) in this process."""
-    model, result = train_family(family, settings, out_dir, progress, d_model)
-    return {**result, **measure_family(model, settings)}
-
-
 def _set_threads(threads: int) -> int:
     """Set torch's intra-op thread count; returns the previous one."""
     previous = torch.get_num_threads()
@@ -276,12 +296,12 @@ def _set_threads(threads: int) -> int:
     return previous
 
 
-def _train_in_child(family: str, d_model: int, settings: CompareSettings, out_dir: Path, progress: bool
-                    ) -> dict[str, Any]:
+def _train_in_child(family: str, d_model: int, lr: float, settings: CompareSettings, out_dir: Path,
+                    progress: bool) -> dict[str, Any]:
     from hybridlm.bench.runner import set_threads
 
     set_threads(settings.threads)
-    return train_family(family, settings, out_dir, progress, d_model)[1]
+    return train_family(family, settings, out_dir, progress, d_model, lr)[1]
 
 
 def _measure_in_child(name: str, settings: CompareSettings, out_dir: Path) -> dict[str, Any]:
@@ -307,8 +327,8 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
         with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
             # The Transformer last: it trains fastest, so it fills in beside the slower SSMs.
             order = sorted(runs(settings), key=lambda run: FAMILIES[run[0]].get("batch_scale", 1))
-            jobs = {pool.submit(_train_in_child, f, w, settings, out_dir, bars): run_name(f, w, settings)
-                    for f, w in order}
+            jobs = {pool.submit(_train_in_child, f, w, lr, settings, out_dir, bars): run_name(f, w, settings, lr)
+                    for f, w, lr in order}
             trained = {}
             for job in as_completed(jobs):
                 r = trained[jobs[job]] = job.result()
@@ -316,9 +336,9 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
                     print(f"[{r['run']}] trained in {r['train_seconds']:.0f} s, final loss "
                           f"{r['final_train_loss']:.2e}; accuracy by length: "
                           + ", ".join(f"{n}: {100 * a:.1f}%" for n, a in r["accuracy"].items()), file=sys.stderr)
+        chosen = best_runs([trained[run_name(f, w, settings, lr)] for f, w, lr in runs(settings)])
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            names = [run_name(f, w, settings) for f, w in runs(settings)]
-            return [{**trained[n], **pool.submit(_measure_in_child, n, settings, out_dir).result()} for n in names]
+            return [{**r, **pool.submit(_measure_in_child, r["run"], settings, out_dir).result()} for r in chosen]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -342,7 +362,12 @@ def compare(settings: CompareSettings, out_dir: str | Path, progress: bool = Tru
         else:
             restore = _set_threads(settings.threads)
             try:
-                families = [run_family(f, settings, run_dir, progress, w) for f, w in runs(settings)]
+                trained = {}
+                for f, w, lr in runs(settings):
+                    model, result = train_family(f, settings, run_dir, progress, w, lr)
+                    trained[result["run"]] = model, result
+                families = [{**r, **measure_family(trained[r["run"]][0], settings)}
+                            for r in best_runs([r for _, r in trained.values()])]
             finally:
                 _set_threads(restore)
         if (out_dir / "runs").exists():

@@ -18,8 +18,11 @@ PLOTS = {"accuracy": "accuracy_vs_length.png", "decode": "decode_vs_context.png"
 
 
 def _label(f: dict[str, Any], results: dict[str, Any]) -> str:
-    # a run's name in tables and legends: the family, with its width when the comparison sweeps widths
-    return f"{f['label']} d{f['d_model']}" if results["settings"].get("widths") else f["label"]
+    # a run's name in tables and legends: the family, with its width when the comparison sweeps widths and the
+    # learning rate chosen when it sweeps those
+    s = results["settings"]
+    label = f"{f['label']} d{f['d_model']}" if s.get("widths") else f["label"]
+    return f"{label} (lr {f['lr']:g})" if s.get("lrs") else label
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -37,6 +40,13 @@ def summary_table(results: dict[str, Any]) -> str:
                     + [f"{f['train_tokens_per_s']:,.0f}", f"{sp['prefill_s']:.3f}", f"{sp['decode_ms_per_token']:.2f}",
                        human_bytes(f["state_bytes"][top])])
     return _markdown(head, rows)
+
+
+def _lr_text(s: dict[str, Any]) -> str:
+    if not s.get("lrs"):
+        return f"lr {s['lr']}"
+    return ("the best of lr " + ", ".join(f"{lr:g}" for lr in s["lrs"])
+            + " per family and width (mean accuracy over the lengths; every rate's in the Training table)")
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
@@ -61,7 +71,7 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
            f"tokens per step)" if s.get("short_length") and s.get("short_steps") else "")
         + f" on {s['steps'] * s['batch_size'] * s['train_length']:,} tokens "
         f"per family (the same samples for every family: seed {s['seed']}; steps and batch per family in the "
-        f"Training table), lr {s['lr']}, weight decay {s['weight_decay']}, d_model {s['d_model']}, "
+        f"Training table), {_lr_text(s)}, weight decay {s['weight_decay']}, d_model {s['d_model']}, "
         f"{s['n_layers']} layers. "
         f"Accuracy on {s['eval_samples']} fresh sequences per length. Machine: {m['processor']}, "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}"
@@ -88,9 +98,12 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
         "",
         "## Training",
         "",
-        _markdown(["family", "steps x batch", "train time (s)", "final train loss", "tokens/s"],
+        _markdown(["family", "steps x batch", "train time (s)", "final train loss", "tokens/s"]
+                  + (["mean accuracy by lr"] if s.get("lrs") else []),
                   [[_label(f, results), f"{f['train_steps']:,} x {f['train_batch_size']}", f"{f['train_seconds']:.1f}",
-                    f"{f['final_train_loss']:.2e}", f"{f['train_tokens_per_s']:,.0f}"] for f in results["families"]]),
+                    f"{f['final_train_loss']:.2e}", f"{f['train_tokens_per_s']:,.0f}"]
+                   + ([", ".join(f"{lr}: {100 * a:.1f}%" for lr, a in f["lr_sweep"].items())] if s.get("lrs") else [])
+                   for f in results["families"]]),
         "",
     ]
     if plots:
@@ -107,7 +120,8 @@ def width_table(results: dict[str, Any]) -> str:
     families = list(dict.fromkeys(f["family"] for f in results["families"]))
     cell = {(f["family"], f["d_model"]): f for f in results["families"]}
     rows = [[next(f["label"] for f in results["families"] if f["family"] == family)]
-            + [f"{100 * cell[family, w]['accuracy'][n]:.1f}% ({human_bytes(cell[family, w]['state_bytes'][n])})"
+            + [f"{100 * cell[family, w]['accuracy'][n]:.1f}% ({human_bytes(cell[family, w]['state_bytes'][n])}"
+               + (f"; lr {cell[family, w]['lr']:g})" if s.get("lrs") else ")")
                for w in s["widths"]] for family in families]
     return _markdown(["family"] + [f"d_model {w}" for w in s["widths"]], rows)
 
