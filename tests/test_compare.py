@@ -69,6 +69,7 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
     assert runs == [(f, w) for w in (16, 32) for f in ("transformer", "gla", "based", "lsh")]
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "## Recall vs width" in report and "d_model 16 | d_model 32" in report
+    assert "d_model 16, 32, 2 layers" in report  # the widths trained, not the unused d_model
     by_run = {f["run"]: f for f in results["families"]}
     assert by_run["gla-d32"]["state_bytes"]["32"] == by_run["gla-d32"]["state_bytes"]["64"]  # fixed state
     assert by_run["gla-d32"]["state_bytes"]["32"] > by_run["gla-d16"]["state_bytes"]["32"]  # grows with width

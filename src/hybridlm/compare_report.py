@@ -42,6 +42,10 @@ def summary_table(results: dict[str, Any]) -> str:
     return _markdown(head, rows)
 
 
+def _width_text(s: dict[str, Any]) -> str:
+    return "d_model " + (", ".join(str(w) for w in s["widths"]) if s.get("widths") else str(s["d_model"]))
+
+
 def _lr_text(s: dict[str, Any]) -> str:
     if not s.get("lrs"):
         return f"lr {s['lr']}"
@@ -71,7 +75,7 @@ def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: s
            f"tokens per step)" if s.get("short_length") and s.get("short_steps") else "")
         + f" on {s['steps'] * s['batch_size'] * s['train_length']:,} tokens "
         f"per family (the same samples for every family: seed {s['seed']}; steps and batch per family in the "
-        f"Training table), {_lr_text(s)}, weight decay {s['weight_decay']}, d_model {s['d_model']}, "
+        f"Training table), {_lr_text(s)}, weight decay {s['weight_decay']}, {_width_text(s)}, "
         f"{s['n_layers']} layers. "
         f"Accuracy on {s['eval_samples']} fresh sequences per length. Machine: {m['processor']}, "
         f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}"
