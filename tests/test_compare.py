@@ -95,6 +95,8 @@ def test_compare_sweeps_learning_rates_and_keeps_the_best(tmp_path):
             assert (tmp_path / "cmp" / "runs" / f"{f['family']}-lr{lr}" / "checkpoint" / "model.safetensors").is_file()
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "the best of lr 0.0001, 0.03 per family" in report and "mean accuracy by lr" in report
+    alone = compare(CompareSettings.quick(families=["mamba2"], lrs=[1e-4, 3e-2]), tmp_path / "one", progress=False)
+    assert [(f["family"], set(f["lr_sweep"])) for f in alone["families"]] == [("mamba2", {"0.0001", "0.03"})]
     with pytest.raises(ValueError, match=r"lrs: expected learning rates in \(0, 1\), got \[0.001, 0\]"):
         CompareSettings(lrs=[1e-3, 0]).validate()
 
