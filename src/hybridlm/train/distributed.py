@@ -59,7 +59,7 @@ def _clear_dtensor_caches() -> None:
     """Empty the caches of ``torch.distributed.tensor`` that hold device meshes: the functools caches of its
     modules, the redistribution planners and the C++ sharding-propagation cache (torch 2.13; a torch without
     one of them has nothing there to free)."""
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor was made (DDP): nothing cached
+    if "torch.distributed.tensor" not in sys.modules:  # never imported: nothing cached
         return
     for obj in gc.get_objects():
         if (isinstance(obj, functools._lru_cache_wrapper)
