@@ -79,13 +79,10 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[HybridLM
     """Collective (every process calls it): the full model as a plain CPU ``HybridLM``, the optimizer's parameter
     groups (parameters by name) and its state tensors (``name/field``), on the main process; None, [] and {}
     elsewhere."""
-    weights = get_model_state_dict(model, options=_FULL_ON_CPU)
+    plain = consolidate(model)
     opt = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU)
-    if not weights:  # not the main process: cpu_offload leaves the gathered state on rank 0 only
+    if plain is None:
         return None, [], {}
-    # A real (not meta) module: it keeps non-persistent buffers and tied weights exactly as a fresh model has them.
-    plain = HybridLM(model.config)
-    plain.load_state_dict(weights)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
               for group in opt["param_groups"]]
     tensors = {f"{name}/{field}": value.detach().contiguous()
@@ -97,8 +94,9 @@ def consolidate(model: nn.Module) -> HybridLM | None:
     """Collective: the trained model as a plain CPU ``HybridLM`` on the main process (None elsewhere), so that
     nothing outlives training that needs the process group (a sharded module's parameters hold its mesh)."""
     weights = get_model_state_dict(model, options=_FULL_ON_CPU)
-    if not weights:
+    if not weights:  # not the main process: cpu_offload leaves the gathered state on rank 0 only
         return None
+    # A real (not meta) module: it keeps non-persistent buffers and tied weights exactly as a fresh model has them.
     plain = HybridLM(model.config)
     plain.load_state_dict(weights)
     return plain

@@ -209,15 +209,18 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                  "global_batch": config.batch_size * config.grad_accum * dist.world_size,
                  "objective": objective.describe(), **extra_state}
 
-    def save(step: int) -> None:
+    def save(step: int) -> HybridLM | None:
+        """Write the checkpoint; under FSDP returns the model gathered for it (on the main process)."""
         if sharded:  # every process takes part in gathering the full state; the main one writes it
             plain, groups, tensors = fsdp.gather(model, optimizer)
             if dist.is_main:
                 ckpt.save_checkpoint(ckpt_dir, plain, None, {**run_state, "step": step}, tokenizer=tokenizer,
                                      files=files, optimizer_state=(groups, tensors))
-        elif dist.is_main:
+            return plain
+        if dist.is_main:
             ckpt.save_checkpoint(ckpt_dir, model, optimizer, {**run_state, "step": step}, tokenizer=tokenizer,
                                  files=files)
+        return None
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
@@ -278,12 +281,11 @@ def _train(model_config: ModelConfig, config: TrainConfig, source: BatchSource, 
                       f"--resume {out_dir}", file=sys.stderr)
             raise KeyboardInterrupt from None
     bar.close()
-    if config.steps > start:
-        save(config.steps)
+    gathered = save(config.steps) if config.steps > start else None
     elapsed = time.perf_counter() - t_start
     ran = config.steps - start
     if sharded:  # the shards die with the process group; the caller gets the whole model (on the main process)
-        model = fsdp.consolidate(model)
+        model = gathered if config.steps > start else fsdp.consolidate(model)
     return TrainResult(model=model, out_dir=out_dir, step=config.steps, history=history,
                        train_tokens_per_s=ran * tokens_per_step / elapsed if ran and elapsed > 0 else 0.0)
 
