@@ -68,6 +68,7 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
     runs = [(f["family"], f["d_model"]) for f in results["families"]]
     assert runs == [(f, w) for w in (16, 32) for f in ("transformer", "gla", "based", "lsh")]
     report = (tmp_path / "cmp" / "report.md").read_text()
+    assert report.startswith("# hybridlm compare: mqar (n_pairs 4, vocab_size 32)\n")
     assert "## Recall vs width" in report and "d_model 16 | d_model 32" in report
     assert "d_model 16, 32, 2 layers" in report  # the widths trained, not the unused d_model
     by_run = {f["run"]: f for f in results["families"]}

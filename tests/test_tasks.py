@@ -77,6 +77,31 @@ def test_mqar(length):
         assert (row[8:] < half).all()  # ... which the input never shows after the pairs (no answer given away)
 
 
+def test_mqar_mixed_pair_counts():
+    """Zoology's training mix: each sequence holds min_pairs..n_pairs pairs; accuracy is scored at n_pairs."""
+    task = get_task("mqar", vocab_size=64, n_pairs=8, min_pairs=2)
+    b = task.sample(300, 64, np.random.default_rng(0))
+    half = task.vocab_size // 2
+    counts = []
+    for row, label in zip(b.input_ids.numpy(), b.labels.numpy(), strict=True):
+        answers = np.flatnonzero(label != IGNORE)
+        n = len(answers)
+        counts.append(n)
+        keys, values = row[0 : 2 * n : 2], row[1 : 2 * n : 2]
+        assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < task.vocab_size)).all()
+        assert (row[2 * n :] < half).all()  # the pairs come first, then only keys and filler
+        lookup = dict(zip(keys, values, strict=True))
+        assert sorted(row[answers - 1]) == sorted(keys)
+        assert all(label[a] == lookup[row[a - 1]] for a in answers)
+    assert set(counts) == set(range(2, 9))  # every count in the range, uniformly drawn
+    full = task.scored_task()
+    assert full.describe() == get_task("mqar", vocab_size=64, n_pairs=8).describe()
+    assert ((full.sample(50, 64, np.random.default_rng(1)).labels != IGNORE).sum(1) == 8).all()
+    model = HybridLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, layers="A", n_heads=2))
+    mixed, fixed = task_accuracy(model, task, 64, n_samples=8), task_accuracy(model, full, 64, n_samples=8)
+    assert mixed == fixed and mixed.n == 8 * 8  # scored on 8 answers a sequence, as the unmixed task
+
+
 def test_seeded_and_any_length():
     for name in TASKS:
         task = get_task(name)
@@ -104,6 +129,9 @@ def test_bad_task_input():
         get_task("induction_heads").sample(2, 4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="vocab_size"):
         get_task("mqar", vocab_size=8, n_pairs=8)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=rf"min_pairs: expected 1 <= min_pairs <= n_pairs \(8\), got {bad}"):
+            get_task("mqar", n_pairs=8, min_pairs=bad)
     small = HybridLM(ModelConfig(vocab_size=8, d_model=16, n_layers=1, layers="A", n_heads=2))
     with pytest.raises(ValueError, match="uses 16 tokens"):
         task_accuracy(small, get_task("induction_heads"), 32)

@@ -68,7 +68,8 @@ def _by_context(results: dict[str, Any], key: str, fmt) -> str:
 def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: str | None) -> str:
     s, m = results["settings"], results["machine"]
     lines = [
-        f"# hybridlm compare: {s['task']}",
+        f"# hybridlm compare: {s['task']}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in s.get("task_params", {}).items()) + ")" if s.get("task_params") else ""),
         "",
         f"Trained at length {s['train_length']}"
         + (f" (a curriculum: the first {s['short_steps']:,} steps on sequences of {s['short_length']}, the same "

@@ -53,7 +53,9 @@ def score(model: HybridLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]])
 
 def task_accuracy(model: HybridLM, task: Task, length: int, n_samples: int = 64, batch_size: int = 16,
                   seed: int = 1234) -> Score:
-    """Accuracy (and loss) on the answers of ``n_samples`` fresh sequences of ``length`` tokens of ``task``."""
+    """Accuracy (and loss) on the answers of ``n_samples`` fresh sequences of ``length`` tokens of ``task`` (of
+    ``task.scored_task()``: a task trained on a mix of difficulties is scored at its hardest)."""
+    task = task.scored_task()
     if task.vocab_size > model.config.vocab_size:
         raise ValueError(f"task {task.name!r} uses {task.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size} (vocab_size)")

@@ -42,6 +42,11 @@ class Task:
             tokens[i], labels[i] = self._generate(length, rng)
         return TaskBatch(torch.from_numpy(tokens), torch.from_numpy(labels))
 
+    def scored_task(self) -> Task:
+        """The task that accuracy is measured on: this one, unless training mixes in easier sequences (MQAR's
+        ``min_pairs``), in which case the task at full difficulty."""
+        return self
+
     def _generate(self, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         # -> input tokens (length,) int64, labels (length,) int64: IGNORE except at the answers
         raise NotImplementedError

@@ -23,24 +23,35 @@ class MQAR(Task):
     """``n_pairs`` distinct keys from ``1 .. vocab_size/2 - 1`` and distinct values from ``vocab_size/2 ..
     vocab_size-1`` (Zoology draws both without replacement). Each key is queried once, in random order, at
     uniformly random places in the rest of the sequence (Zoology draws the gaps from a power law that favours early
-    queries; uniform places make long-range recall count as much as short)."""
+    queries; uniform places make long-range recall count as much as short).
+
+    ``min_pairs``: train on a mix, each sequence holding between ``min_pairs`` and ``n_pairs`` pairs (uniformly),
+    as Zoology trains one model on 4 to 64 pairs together (its ``original_mqar_configs``); the sequences with few
+    pairs teach the recall circuit sooner. Scoring (``scored_task``) always uses ``n_pairs``."""
 
     name = "mqar"
-    params = ("vocab_size", "n_pairs")
+    params = ("vocab_size", "n_pairs", "min_pairs")
 
-    def __init__(self, vocab_size: int = 64, n_pairs: int = 8) -> None:
+    def __init__(self, vocab_size: int = 64, n_pairs: int = 8, min_pairs: int | None = None) -> None:
         if n_pairs < 1:
             raise ValueError(f"n_pairs: expected >= 1, got {n_pairs}")
+        if min_pairs is not None and not 1 <= min_pairs <= n_pairs:
+            raise ValueError(f"min_pairs: expected 1 <= min_pairs <= n_pairs ({n_pairs}), got {min_pairs}")
         if vocab_size // 2 - 1 < n_pairs:
             raise ValueError(f"vocab_size: {n_pairs} distinct keys need vocab_size >= {2 * n_pairs + 2}, "
                              f"got {vocab_size}")
         self.vocab_size = vocab_size
         self.n_pairs = n_pairs
+        self.min_pairs = min_pairs
         self.filler = 0
         self.min_length = 4 * n_pairs
 
+    def scored_task(self) -> MQAR:
+        return self if self.min_pairs in (None, self.n_pairs) else MQAR(self.vocab_size, self.n_pairs)
+
     def _generate(self, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        n, half = self.n_pairs, self.vocab_size // 2
+        half = self.vocab_size // 2
+        n = self.n_pairs if self.min_pairs is None else int(rng.integers(self.min_pairs, self.n_pairs + 1))
         keys = rng.choice(np.arange(1, half), size=n, replace=False)
         values = rng.choice(np.arange(half, self.vocab_size), size=n, replace=False)
         tokens = np.full(length, self.filler, dtype=np.int64)
