@@ -53,8 +53,24 @@ def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens
     again = compare(settings, tmp_path / "cmp", progress=False)  # a second run into the same directory
     assert [f["family"] for f in again["families"]] == ["transformer", "mamba"]
     assert [p.name for p in (tmp_path / "cmp").iterdir() if p.name.startswith(".runs-")] == []
+    with pytest.raises(ValueError, match="attention_batch_scale: expected an integer >= 1, got 0"):
+        compare(CompareSettings.quick(attention_batch_scale=0), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
         compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
+
+
+def test_attention_batch_scale_by_task():
+    """Attention takes 4x the batch for 1/4 of the steps where a sequence scores one answer (induction heads),
+    the common batch on MQAR (an answer per pair), and what --attention-batch-scale says when given."""
+    from hybridlm.compare import CompareSettings
+
+    induction, mqar = CompareSettings(), CompareSettings(task="mqar")
+    assert [induction.batch_scale(f) for f in ("transformer", "sliding_window", "lsh", "mamba", "based")] \
+        == [4, 4, 4, 1, 1]
+    assert [mqar.batch_scale(f) for f in ("transformer", "lsh", "mamba")] == [1, 1, 1]
+    assert CompareSettings(task="mqar", attention_batch_scale=2).batch_scale("transformer") == 2
+    assert CompareSettings(attention_batch_scale=1).batch_scale("transformer") == 1
+    assert CompareSettings(attention_batch_scale=8).batch_scale("mamba2") == 1
 
 
 def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):

@@ -380,7 +380,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
              "eval_lengths": ints(args.lengths), "eval_samples": args.samples, "contexts": ints(args.contexts),
              "threads": args.threads, "workers": args.workers, "weight_decay": args.weight_decay,
              "widths": ints(args.widths), "lrs": floats(args.lrs), "n_heads": args.heads,
-             "task_params": _task_params(args.task_param)}
+             "attention_batch_scale": args.attention_batch_scale, "task_params": _task_params(args.task_param)}
     given = {k: v for k, v in given.items() if v is not None}
     settings = CompareSettings.quick(**given) if args.quick else CompareSettings(**given)
     results = compare(settings, args.out, progress=not args.no_progress)
@@ -582,9 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-length", type=int, help="training sequence length (default 256)")
     p.add_argument("--short-length", type=int, help="length of the curriculum's first steps (default 64)")
     p.add_argument("--short-steps", type=int, help="steps at the short length (default 2000; 0: none)")
-    p.add_argument("--steps", type=int, help="training steps per family (the Transformer takes 1/4 of them with "
-                                             "4x the batch: the same tokens)")
+    p.add_argument("--steps", type=int, help="training steps per family (attention takes 1/4 of them with 4x the "
+                                             "batch, the same tokens, except on mqar: --attention-batch-scale)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--attention-batch-scale", type=int,
+                   help="times the batch the attention families take, for as many times fewer steps (default 4; "
+                        "1 on mqar, which scores an answer per pair)")
     p.add_argument("--lr", type=float)
     p.add_argument("--lrs", help="comma-separated learning rates: train every run at each and report the best "
                                  "(Zoology reports the best of 4 per width)")

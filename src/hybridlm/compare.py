@@ -35,7 +35,7 @@ from hybridlm.train import TrainConfig, train
 # then an attention layer without positional encoding (Jamba uses none: the Mamba layers carry position).
 # The linear-attention families are the "L" mixer's published variants (see hybridlm.layers.linear_attention).
 FAMILIES: dict[str, dict[str, Any]] = {
-    "transformer": dict(layers="A", ffn="mlp", batch_scale=4),
+    "transformer": dict(layers="A", ffn="mlp", large_batch=True),
     "mamba": dict(layers="M", ffn="none"),
     "mamba2": dict(layers="S", ffn="none"),
     "hybrid": dict(layers="MA", ffn="mlp", rope_theta=None),
@@ -45,14 +45,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # Based's recipe: its linear attention beside sliding-window attention (window 64, as Based's models)
     "based_hybrid": dict(layers="LA", ffn="mlp", sliding_window=64,
                          mixer_options={"L": dict(feature_map="taylor", short_conv=3)}),
-    "sliding_window": dict(layers="A", ffn="mlp", sliding_window=64, batch_scale=4),
+    "sliding_window": dict(layers="A", ffn="mlp", sliding_window=64, large_batch=True),
     "retnet": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="fixed",
                                                                     norm="rms", output_gate=True)}),
     "gla": dict(layers="L", ffn="mlp", mixer_options={"L": dict(feature_map="identity", decay="gla", norm="rms",
                                                                  output_gate=True)}),
     # Reformer's LSH attention with its own defaults (8 buckets, 4 rounds, 64 keys a round); attention, so it takes
     # the Transformer's larger batches
-    "lsh": dict(layers="R", ffn="mlp", batch_scale=4),
+    "lsh": dict(layers="R", ffn="mlp", large_batch=True),
 }
 DEFAULT_FAMILIES = ["transformer", "mamba", "mamba2", "hybrid"]  # the README's run; --families names the others
 LABELS = {"transformer": "Transformer (RoPE)", "mamba": "Mamba-1", "mamba2": "Mamba-2",
@@ -87,15 +87,21 @@ class CompareSettings:
     # Every family gets the same tokens; how it takes them differs: induction heads scores one answer per
     # sequence, so the answers per step decide how soon the Transformer leaves its loss plateau (ln 14): with
     # 16 sequences of 64 a step it never did in 2,500 steps, with 64 it does within ~300 to ~600, while the
-    # SSMs gain from more steps. So the Transformer (batch_scale in FAMILIES) takes 4x the batch for 1/4 of
-    # the steps (short ones included). Weight decay 0: with 0.1 on the matrices Mamba-1 (4,000 steps of 16 at
-    # 64) reached 80% at 4096, without it 97%: decay pulls dt_proj and x_proj towards the dt of
-    # initialisation, against the near-zero dt on irrelevant tokens that extrapolation needs.
+    # SSMs gain from more steps. So the Transformer (large_batch in FAMILIES) takes 4x the batch for 1/4 of
+    # the steps (short ones included; see attention_batch_scale). Weight decay 0: with 0.1 on the matrices
+    # Mamba-1 (4,000 steps of 16 at 64) reached 80% at 4096, without it 97%: decay pulls dt_proj and x_proj
+    # towards the dt of initialisation, against the near-zero dt on irrelevant tokens that extrapolation needs.
     train_length: int = 256
     short_length: int | None = 64
     short_steps: int = 2000
     steps: int = 5000
     batch_size: int = 4
+    # How many times the batch the attention families (large_batch in FAMILIES) take, for as many times fewer
+    # steps. None: 4 on tasks scored on few answers a sequence (induction heads: one), 1 on MQAR, which scores
+    # one per pair: there the answers per step are plenty and attention needs the steps. At 32 pairs (length
+    # 128, d_model 64, one head, lr 1e-3) 600 steps of 256 left it at 2.6-2.8% (lr 1e-3, 3e-3), 2,400 steps of
+    # 64 took the loss to 2e-4.
+    attention_batch_scale: int | None = None
     lr: float = 3e-3
     # Train every run at each of these learning rates in place of lr and keep the best (mean accuracy over the
     # evaluation lengths, then the lower final loss): Zoology reports the best of 4 learning rates per width
@@ -126,6 +132,9 @@ class CompareSettings:
             raise ValueError(f"families: expected a non-empty list from {list(FAMILIES)}, got {self.families}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers: expected an integer >= 1, got {self.workers!r}")
+        scale = self.attention_batch_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
+            raise ValueError(f"attention_batch_scale: expected an integer >= 1, got {self.attention_batch_scale!r}")
         if self.n_heads is not None:
             for width in self.widths or [self.d_model]:
                 if isinstance(self.n_heads, bool) or not isinstance(self.n_heads, int) or self.n_heads < 1 \
@@ -145,6 +154,14 @@ class CompareSettings:
         TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.curriculum_length,
                    short_steps=self.short_steps)
 
+    def batch_scale(self, family: str) -> int:
+        """How many times the common batch ``family`` trains on, for as many times fewer steps (the same tokens)."""
+        if not FAMILIES[family].get("large_batch"):
+            return 1
+        if self.attention_batch_scale is not None:
+            return self.attention_batch_scale
+        return 1 if self.task == "mqar" else 4
+
     @property
     def curriculum_length(self) -> int | None:
         """The length of the curriculum's first steps; None without them (``short_steps`` 0), whatever
@@ -161,7 +178,7 @@ def family_config(family: str, d_model: int, n_layers: int, vocab_size: int, n_h
         raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
     spec = copy.deepcopy(FAMILIES[family])
     pattern = spec.pop("layers")
-    spec.pop("batch_scale", None)
+    spec.pop("large_batch", None)
     if n_layers % len(pattern):
         raise ValueError(f"n_layers: family {family!r} tiles the pattern {pattern!r}; give a multiple of "
                          f"{len(pattern)}, got {n_layers}")
@@ -243,7 +260,7 @@ def train_family(family: str, settings: CompareSettings, out_dir: Path, progress
     d_model, lr = d_model or settings.d_model, lr or settings.lr
     name = run_name(family, d_model, settings, lr)
     config = family_config(family, d_model, settings.n_layers, task.vocab_size, settings.n_heads)
-    scale = FAMILIES[family].get("batch_scale", 1)
+    scale = settings.batch_scale(family)
     steps, batch_size = max(1, settings.steps // scale), settings.batch_size * scale
     # The warm-up stays in steps, not tokens: it lets Adam's moment estimates settle, which takes steps whatever the
     # batch. On MQAR (4 pairs, d_model 64, 600 steps of 256) the Transformer with 25 warm-up steps stayed on the
@@ -326,7 +343,7 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
     try:
         with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
             # The Transformer last: it trains fastest, so it fills in beside the slower SSMs.
-            order = sorted(runs(settings), key=lambda run: FAMILIES[run[0]].get("batch_scale", 1))
+            order = sorted(runs(settings), key=lambda run: settings.batch_scale(run[0]))
             jobs = {pool.submit(_train_in_child, f, w, lr, settings, out_dir, bars): run_name(f, w, settings, lr)
                     for f, w, lr in order}
             trained = {}

@@ -65,11 +65,15 @@ def _by_context(results: dict[str, Any], key: str, fmt) -> str:
     return _markdown(["family"] + [f"{int(c):,}" for c in contexts], rows)
 
 
+def _task_params_text(params: dict[str, Any] | None) -> str:
+    # {"n_pairs": 4, "vocab_size": 32} -> " (n_pairs 4, vocab_size 32)"
+    return " (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")" if params else ""
+
+
 def report_markdown(results: dict[str, Any], plots: dict[str, str], plot_note: str | None) -> str:
     s, m = results["settings"], results["machine"]
     lines = [
-        f"# hybridlm compare: {s['task']}"
-        + (" (" + ", ".join(f"{k} {v}" for k, v in s.get("task_params", {}).items()) + ")" if s.get("task_params") else ""),
+        f"# hybridlm compare: {s['task']}" + _task_params_text(s.get("task_params")),
         "",
         f"Trained at length {s['train_length']}"
         + (f" (a curriculum: the first {s['short_steps']:,} steps on sequences of {s['short_length']}, the same "
