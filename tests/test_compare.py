@@ -59,17 +59,15 @@ def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens
         compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
 
 
-def test_attention_batch_scale_by_task():
-    """Attention takes 4x the batch for 1/4 of the steps where a sequence scores one answer (induction heads),
-    the common batch on MQAR (an answer per pair), and what --attention-batch-scale says when given."""
+def test_attention_batch_scale():
+    """The attention families take 4x the batch for 1/4 of the steps unless --attention-batch-scale says
+    otherwise; the others always the common batch."""
     from hybridlm.compare import CompareSettings
 
-    induction, mqar = CompareSettings(), CompareSettings(task="mqar")
-    assert [induction.batch_scale(f) for f in ("transformer", "sliding_window", "lsh", "mamba", "based")] \
+    assert [CompareSettings().batch_scale(f) for f in ("transformer", "sliding_window", "lsh", "mamba", "based")] \
         == [4, 4, 4, 1, 1]
-    assert [mqar.batch_scale(f) for f in ("transformer", "lsh", "mamba")] == [1, 1, 1]
-    assert CompareSettings(task="mqar", attention_batch_scale=2).batch_scale("transformer") == 2
-    assert CompareSettings(attention_batch_scale=1).batch_scale("transformer") == 1
+    one = CompareSettings(task="mqar", attention_batch_scale=1)
+    assert [one.batch_scale(f) for f in ("transformer", "lsh", "mamba2")] == [1, 1, 1]
     assert CompareSettings(attention_batch_scale=8).batch_scale("mamba2") == 1
 
 

@@ -583,11 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-length", type=int, help="length of the curriculum's first steps (default 64)")
     p.add_argument("--short-steps", type=int, help="steps at the short length (default 2000; 0: none)")
     p.add_argument("--steps", type=int, help="training steps per family (attention takes 1/4 of them with 4x the "
-                                             "batch, the same tokens, except on mqar: --attention-batch-scale)")
+                                             "batch, the same tokens: --attention-batch-scale)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--attention-batch-scale", type=int,
                    help="times the batch the attention families take, for as many times fewer steps (default 4; "
-                        "1 on mqar, which scores an answer per pair)")
+                        "1 for MQAR from 32 pairs: there attention needs the steps)")
     p.add_argument("--lr", type=float)
     p.add_argument("--lrs", help="comma-separated learning rates: train every run at each and report the best "
                                  "(Zoology reports the best of 4 per width)")

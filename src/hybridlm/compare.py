@@ -97,11 +97,11 @@ class CompareSettings:
     steps: int = 5000
     batch_size: int = 4
     # How many times the batch the attention families (large_batch in FAMILIES) take, for as many times fewer
-    # steps. None: 4 on tasks scored on few answers a sequence (induction heads: one), 1 on MQAR, which scores
-    # one per pair: there the answers per step are plenty and attention needs the steps. At 32 pairs (length
-    # 128, d_model 64, one head, lr 1e-3) 600 steps of 256 left it at 2.6-2.8% (lr 1e-3, 3e-3), 2,400 steps of
-    # 64 took the loss to 2e-4.
-    attention_batch_scale: int | None = None
+    # steps. Attention leaves its plateau only with enough answers a step, and then needs steps. On MQAR at
+    # d_model 64 (one head, lr 1e-3): at 4 and 8 pairs (length 64) 2,400 steps of 64 stayed on the plateau
+    # (26.6%, 12.1%) where 600 steps of 256 learn (docs/linear_attention.md); at 32 pairs (length 128), with 8x
+    # the answers a sequence, 600 steps of 256 stayed at 2.6%, 2,400 of 64 reached 100%.
+    attention_batch_scale: int = 4
     lr: float = 3e-3
     # Train every run at each of these learning rates in place of lr and keep the best (mean accuracy over the
     # evaluation lengths, then the lower final loss): Zoology reports the best of 4 learning rates per width
@@ -133,7 +133,7 @@ class CompareSettings:
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers: expected an integer >= 1, got {self.workers!r}")
         scale = self.attention_batch_scale
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
             raise ValueError(f"attention_batch_scale: expected an integer >= 1, got {self.attention_batch_scale!r}")
         if self.n_heads is not None:
             for width in self.widths or [self.d_model]:
@@ -156,11 +156,7 @@ class CompareSettings:
 
     def batch_scale(self, family: str) -> int:
         """How many times the common batch ``family`` trains on, for as many times fewer steps (the same tokens)."""
-        if not FAMILIES[family].get("large_batch"):
-            return 1
-        if self.attention_batch_scale is not None:
-            return self.attention_batch_scale
-        return 1 if self.task == "mqar" else 4
+        return self.attention_batch_scale if FAMILIES[family].get("large_batch") else 1
 
     @property
     def curriculum_length(self) -> int | None:
