@@ -90,6 +90,10 @@ def test_compare_sweeps_widths_for_the_recall_curve(tmp_path):
     assert by_run["gla-d32"]["state_bytes"]["32"] > by_run["gla-d16"]["state_bytes"]["32"]  # grows with width
     assert by_run["lsh-d32"]["state_bytes"]["64"] > by_run["lsh-d32"]["state_bytes"]["32"]  # its KV cache grows
     assert (tmp_path / "cmp" / "runs" / "based-d16" / "checkpoint" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"eval_lengths: task 'mqar' is scored on sequences of at least 32 tokens, "
+                                         r"got \[16\]"):
+        compare(CompareSettings.quick(task="mqar", task_params={"n_pairs": 8, "min_pairs": 2}, eval_lengths=[16, 32]),
+                tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match=r"task 'mqar': unknown parameter\(s\) \['pairs'\]"):
         compare(CompareSettings.quick(task="mqar", task_params={"pairs": 4}), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="widths: expected positive integers"):

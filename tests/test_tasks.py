@@ -97,6 +97,13 @@ def test_mqar_mixed_pair_counts():
     full = task.scored_task()
     assert full.describe() == get_task("mqar", vocab_size=64, n_pairs=8).describe()
     assert ((full.sample(50, 64, np.random.default_rng(1)).labels != IGNORE).sum(1) == 8).all()
+    # a sequence holds no more pairs than fit (length // 4): a length curriculum starts on fewer pairs
+    fitting = get_task("mqar", vocab_size=256, n_pairs=64, min_pairs=64)
+    for length, pairs in ((64, 16), (101, 25), (256, 64), (300, 64)):
+        b = fitting.sample(8, length, np.random.default_rng(2))
+        assert ((b.labels != IGNORE).sum(1) == pairs).all()
+    with pytest.raises(ValueError, match="at least 256 tokens"):
+        fitting.scored_task().sample(1, 64, np.random.default_rng(0))
     model = HybridLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, layers="A", n_heads=2))
     mixed, fixed = task_accuracy(model, task, 64, n_samples=8), task_accuracy(model, full, 64, n_samples=8)
     assert mixed == fixed and mixed.n == 8 * 8  # scored on 8 answers a sequence, as the unmixed task

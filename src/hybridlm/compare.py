@@ -151,8 +151,12 @@ class CompareSettings:
                                                           or not 0 < v < 1 for v in self.lrs)):
             raise ValueError(f"lrs: expected learning rates in (0, 1), got {self.lrs}")
         # a specific error for an unknown task, a too short length or a bad curriculum
-        TaskSource(get_task(self.task, **self.task_params), self.train_length, short_length=self.curriculum_length,
-                   short_steps=self.short_steps)
+        task = get_task(self.task, **self.task_params)
+        TaskSource(task, self.train_length, short_length=self.curriculum_length, short_steps=self.short_steps)
+        too_short = [n for n in self.eval_lengths if n < task.scored_task().min_length]
+        if too_short:  # found now rather than after training
+            raise ValueError(f"eval_lengths: task {self.task!r} is scored on sequences of at least "
+                             f"{task.scored_task().min_length} tokens, got {too_short}")
 
     def batch_scale(self, family: str) -> int:
         """How many times the common batch ``family`` trains on, for as many times fewer steps (the same tokens)."""

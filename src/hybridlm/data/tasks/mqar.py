@@ -26,8 +26,10 @@ class MQAR(Task):
     queries; uniform places make long-range recall count as much as short).
 
     ``min_pairs``: train on a mix, each sequence holding between ``min_pairs`` and ``n_pairs`` pairs (uniformly),
-    as Zoology trains one model on 4 to 64 pairs together (its ``original_mqar_configs``); the sequences with few
-    pairs teach the recall circuit sooner. Scoring (``scored_task``) always uses ``n_pairs``."""
+    and no more than fit (``length // 4``), so that a length curriculum (compare's ``--short-length``) starts on
+    fewer pairs: Zoology trains one model on 4 pairs at 64 tokens up to 64 pairs at 256 (its
+    ``original_mqar_configs``). ``min_pairs == n_pairs``: as many as fit, up to ``n_pairs``. Scoring
+    (``scored_task``) always uses ``n_pairs``."""
 
     name = "mqar"
     params = ("vocab_size", "n_pairs", "min_pairs")
@@ -44,14 +46,18 @@ class MQAR(Task):
         self.n_pairs = n_pairs
         self.min_pairs = min_pairs
         self.filler = 0
-        self.min_length = 4 * n_pairs
+        self.min_length = 4 * n_pairs if min_pairs is None else 4
 
     def scored_task(self) -> MQAR:
-        return self if self.min_pairs in (None, self.n_pairs) else MQAR(self.vocab_size, self.n_pairs)
+        return self if self.min_pairs is None else MQAR(self.vocab_size, self.n_pairs)
 
     def _generate(self, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         half = self.vocab_size // 2
-        n = self.n_pairs if self.min_pairs is None else int(rng.integers(self.min_pairs, self.n_pairs + 1))
+        if self.min_pairs is None:
+            n = self.n_pairs
+        else:
+            fit = length // 4  # each pair takes two tokens, and its query two more
+            n = int(rng.integers(min(self.min_pairs, fit), min(self.n_pairs, fit) + 1))
         keys = rng.choice(np.arange(1, half), size=n, replace=False)
         values = rng.choice(np.arange(half, self.vocab_size), size=n, replace=False)
         tokens = np.full(length, self.filler, dtype=np.int64)
