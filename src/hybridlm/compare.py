@@ -98,9 +98,9 @@ class CompareSettings:
     batch_size: int = 4
     # How many times the batch the attention families (large_batch in FAMILIES) take, for as many times fewer
     # steps. Attention leaves its plateau only with enough answers a step, and then needs steps. On MQAR at
-    # d_model 64 (one head, lr 1e-3): at 4 and 8 pairs (length 64) 2,400 steps of 64 stayed on the plateau
-    # (26.6%, 12.1%) where 600 steps of 256 learn (docs/linear_attention.md); at 32 pairs (length 128), with 8x
-    # the answers a sequence, 600 steps of 256 stayed at 2.6%, 2,400 of 64 reached 100%.
+    # d_model 64 (one head, lr 1e-3): at 4 pairs (length 64) 2,400 steps of 64 stayed on the plateau (26.6%)
+    # where 600 steps of 256 reached 100%; at 32 pairs (length 128), with 8x the answers a sequence, 600 steps of
+    # 256 stayed at 2.6%, 2,400 of 64 reached 100% (docs/linear_attention.md, "Over the number of pairs").
     attention_batch_scale: int = 4
     lr: float = 3e-3
     # Train every run at each of these learning rates in place of lr and keep the best (mean accuracy over the
@@ -134,7 +134,7 @@ class CompareSettings:
             raise ValueError(f"workers: expected an integer >= 1, got {self.workers!r}")
         scale = self.attention_batch_scale
         if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"attention_batch_scale: expected an integer >= 1, got {self.attention_batch_scale!r}")
+            raise ValueError(f"attention_batch_scale: expected an integer >= 1, got {scale!r}")
         if self.n_heads is not None:
             for width in self.widths or [self.d_model]:
                 if isinstance(self.n_heads, bool) or not isinstance(self.n_heads, int) or self.n_heads < 1 \
