@@ -148,7 +148,8 @@ def test_short_length_matters_only_with_short_steps():
     from hybridlm.compare import CompareSettings
 
     # 32 pairs need 128 tokens: the default short_length (64) is fine when no step is short
-    long_only = dict(task="mqar", task_params={"n_pairs": 32, "vocab_size": 256}, train_length=128)
+    long_only = dict(task="mqar", task_params={"n_pairs": 32, "vocab_size": 256}, train_length=128,
+                     eval_lengths=[128, 256])
     CompareSettings(**long_only, short_steps=0).validate()
     with pytest.raises(ValueError, match="needs sequences of at least 128 tokens, got 64"):
         CompareSettings(**long_only, short_steps=10).validate()
