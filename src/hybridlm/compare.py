@@ -153,10 +153,11 @@ class CompareSettings:
         # a specific error for an unknown task, a too short length or a bad curriculum
         task = get_task(self.task, **self.task_params)
         TaskSource(task, self.train_length, short_length=self.curriculum_length, short_steps=self.short_steps)
-        too_short = [n for n in self.eval_lengths if n < task.scored_task().min_length]
+        shortest = task.scored_task().min_length
+        too_short = [n for n in self.eval_lengths if n < shortest]
         if too_short:  # found now rather than after training
-            raise ValueError(f"eval_lengths: task {self.task!r} is scored on sequences of at least "
-                             f"{task.scored_task().min_length} tokens, got {too_short}")
+            raise ValueError(f"eval_lengths: task {self.task!r} is scored on sequences of at least {shortest} "
+                             f"tokens, got {too_short}")
 
     def batch_scale(self, family: str) -> int:
         """How many times the common batch ``family`` trains on, for as many times fewer steps (the same tokens)."""
