@@ -2,11 +2,13 @@
 ``CompositionOfExperts.generate`` under concurrent load; the answering expert in a header, the body, the audit
 log and /metrics; a role allowed the composition without its experts by name."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -164,8 +166,18 @@ def test_concurrent_requests_equal_generate_with_the_chosen_expert(server, refs)
                                                       "seed": seed, "return_token_ids": True})
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
+    # Hold both experts until every request waits in its queue: on a loaded machine one request can otherwise be
+    # routed, decoded and answered before the next arrives (it happened in CI), and nothing would be batched.
+    with contextlib.ExitStack() as holds:
+        for scheduler in schedulers.values():
+            holds.enter_context(scheduler.hold())
+        for t in threads:
+            t.start()
+        expected = {name: sum(w.expert == name for w in want) for name in schedulers}
+        deadline = time.monotonic() + 60
+        while any(schedulers[name].queue_depth < n for name, n in expected.items()):
+            assert time.monotonic() < deadline, "the requests never all reached their experts' queues"
+            time.sleep(0.01)
     for t in threads:
         t.join()
     for (prompt, _), w, r in zip(jobs, want, results, strict=True):

@@ -2,6 +2,7 @@
 64 bits are refused, and a failure in one row of a decode batch ends that request alone."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -46,11 +47,37 @@ def run(scheduler, requests):
             if kind in ("done", "error"):
                 done[id(r)].set()
         r.on_event = on_event
-    for r in requests:
-        scheduler.submit(r)
+    with scheduler.hold():  # all of them join one batch, however slowly the test thread submits
+        for r in requests:
+            scheduler.submit(r)
     for r in requests:
         assert done[id(r)].wait(60), "a request never ended"
     return events
+
+
+def test_held_requests_wait_and_then_decode_as_one_batch_while_calls_still_run():
+    model = tiny_model("llama-tiny")
+    prompts = [f"request {i}" for i in range(4)]
+    want = [reference(model, p, 8, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    requests = [GenerationRequest(TOKENIZER.encode(p, add_bos=True), SamplingParams(8, 1.0, seed=i), None)
+                for i, p in enumerate(prompts)]
+    ended = threading.Semaphore(0)
+    for r in requests:
+        r.on_event = lambda kind, payload: kind in ("done", "error") and ended.release()
+    scheduler = Scheduler(model, TOKENIZER, max_batch=8).start()
+    try:
+        with scheduler.hold():
+            for r in requests:
+                scheduler.submit(r)
+            assert scheduler.call(lambda: "ran").result(timeout=30) == "ran"  # a call is not held
+            time.sleep(0.2)
+            assert scheduler.queue_depth == 4 and scheduler.forward_calls == 0 and not any(r.tokens for r in requests)
+        assert all(ended.acquire(timeout=60) for _ in requests), "a request never ended"
+    finally:
+        scheduler.close()
+    assert [r.tokens for r in requests] == want and all(len(w) == 8 for w in want)
+    # 4 prefills, then 7 decode steps of all four rows (none stops early: each made its 8 tokens)
+    assert scheduler.forward_calls == 4 + 7 and scheduler.batched_rows == 4 * 7
 
 
 def test_a_poisoned_request_ends_alone_while_the_others_stream_exactly_as_alone(monkeypatch):

@@ -21,8 +21,9 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -105,6 +106,7 @@ class Scheduler:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._holds = 0  # while > 0, waiting requests are not admitted (see ``hold``)
         self._forward_guard = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"hybridlm-scheduler-{name}", daemon=True)
         # Counters read by the metrics endpoint (written only by the model thread).
@@ -155,6 +157,22 @@ class Scheduler:
             self._cv.notify()
         return future
 
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Admit no waiting request until the block ends; those submitted meanwhile then join one batch.
+
+        Running requests go on decoding and ``call`` work still runs (a composition routes prompts with an
+        expert's model, so holding that expert must not hold its router). For measuring batching with a known
+        batch, and for tests that need requests to overlap however slowly they arrive."""
+        with self._cv:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._holds -= 1
+                self._cv.notify()
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -174,11 +192,11 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._waiting and not self._active and not self._calls:
+                    while not (self._stop or self._active or self._calls or (self._waiting and not self._holds)):
                         self._cv.wait()
                     if self._stop:
                         break
-                    free = self.max_batch - len(self._active)
+                    free = 0 if self._holds else self.max_batch - len(self._active)
                     joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
                     calls = list(self._calls)
                     self._calls.clear()
