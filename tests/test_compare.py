@@ -1,6 +1,12 @@
 """`hybridlm compare --quick` and `hybridlm eval`: every output written, every family in the table."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +63,42 @@ def test_isolated_compare_trains_families_at_once_and_gives_each_the_same_tokens
         compare(CompareSettings.quick(attention_batch_scale=0), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
         compare(CompareSettings.quick(workers=0), tmp_path / "bad", progress=False)
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from hybridlm.compare import _exit_with_parent
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent)
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120)
+    time.sleep(1)
+    os._exit(0)  # gone without shutting the pool down, as when killed
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see the worker end")
+def test_isolated_workers_end_when_compare_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    worker = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the pool's worker outlived the process that started it"
 
 
 def test_attention_batch_scale():

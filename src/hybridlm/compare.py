@@ -314,6 +314,24 @@ def _set_threads(threads: int) -> int:
     return previous
 
 
+def _exit_with_parent() -> None:
+    """Pool initializer: end this worker when the process that started it dies. A killed ``compare`` would
+    otherwise leave its workers training to the end, holding the cores (the pool only stops idle workers)."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _train_in_child(family: str, d_model: int, lr: float, settings: CompareSettings, out_dir: Path,
                     progress: bool) -> dict[str, Any]:
     from hybridlm.bench.runner import set_threads
@@ -342,7 +360,7 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
     context = multiprocessing.get_context("spawn")
     bars = progress and settings.workers == 1  # concurrent progress bars would garble one terminal
     try:
-        with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_exit_with_parent) as pool:
             # The Transformer last: it trains fastest, so it fills in beside the slower SSMs.
             order = sorted(runs(settings), key=lambda run: settings.batch_scale(run[0]))
             jobs = {pool.submit(_train_in_child, f, w, lr, settings, out_dir, bars): run_name(f, w, settings, lr)
@@ -355,7 +373,7 @@ def _run_isolated(settings: CompareSettings, out_dir: Path, progress: bool) -> l
                           f"{r['final_train_loss']:.2e}; accuracy by length: "
                           + ", ".join(f"{n}: {100 * a:.1f}%" for n, a in r["accuracy"].items()), file=sys.stderr)
         chosen = best_runs([trained[run_name(f, w, settings, lr)] for f, w, lr in runs(settings)])
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_exit_with_parent) as pool:
             return [{**r, **pool.submit(_measure_in_child, r["run"], settings, out_dir).result()} for r in chosen]
     finally:
         for k, v in saved.items():
