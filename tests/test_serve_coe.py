@@ -151,6 +151,7 @@ def test_concurrent_requests_equal_generate_with_the_chosen_expert(server, refs)
     assert {w.expert for w in want} == {"code", "prose"}
     before = expert_metrics(server)
     schedulers = server.app.state.expert_schedulers["coe"]
+    per_expert = {name: sum(w.expert == name for w in want) for name in schedulers}  # requests each answers
 
     def counters(scheduler):
         return scheduler.batched_rows, scheduler.forward_calls
@@ -173,9 +174,8 @@ def test_concurrent_requests_equal_generate_with_the_chosen_expert(server, refs)
             holds.enter_context(scheduler.hold())
         for t in threads:
             t.start()
-        expected = {name: sum(w.expert == name for w in want) for name in schedulers}
         deadline = time.monotonic() + 60
-        while any(schedulers[name].queue_depth < n for name, n in expected.items()):
+        while any(schedulers[name].queue_depth < n for name, n in per_expert.items()):
             assert time.monotonic() < deadline, "the requests never all reached their experts' queues"
             time.sleep(0.01)
     for t in threads:
@@ -191,14 +191,13 @@ def test_concurrent_requests_equal_generate_with_the_chosen_expert(server, refs)
     # Batching grouped the requests by expert: each expert's scheduler decoded several rows per step.
     for name, scheduler in schedulers.items():
         rows, calls = (a - b for a, b in zip(counters(scheduler), counted[name], strict=True))
-        decode_steps = calls - sum(w.expert == name for w in want)  # one prefill per request, then decode steps
+        decode_steps = calls - per_expert[name]  # one prefill per request, then decode steps
         assert rows > decode_steps, f"{name}: no decode step had two requests"
     # The router's embedding forwards ran on the embedder's model thread, never beside its decoding.
     assert server.embedder_forwards["max"] == 1
     after = expert_metrics(server)
     for name in ("code", "prose"):
-        assert after.get(("coe", name, "false"), 0) - before.get(("coe", name, "false"), 0) == \
-            sum(w.expert == name for w in want)
+        assert after.get(("coe", name, "false"), 0) - before.get(("coe", name, "false"), 0) == per_expert[name]
     records = [r for r in query(server.audit.path) if r.get("model") == "coe" and r.get("status") == 200]
     by_prompt = {p: w.expert for (p, _), w in zip(jobs, want, strict=True)}
     assert len(records) >= len(jobs)
